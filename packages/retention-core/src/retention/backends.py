@@ -1,0 +1,123 @@
+"""Backend selection, in one place.
+
+A backend is a name, a priority, a ``supports(problem)`` check (None when it can run the problem, else the
+reason it cannot) and a differentiable ``forward(problem) -> (Y, state, sum_of_keys)``. ``"auto"`` picks the
+highest-priority backend that supports the problem. Backends in ``retention_kernels`` (Triton, CUDA) are
+discovered when that package is installed at the same version.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ._validate import Problem
+from ._version import __version__
+
+__all__ = ["Backend", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    priority: int
+    supports: Callable[[Problem], str | None]
+    forward: Callable[[Problem], tuple]
+
+
+def _reference_supports(problem: Problem) -> str | None:
+    return None
+
+
+def _reference_forward(problem: Problem):
+    from .reference import power_retention_chunked
+
+    b, t, hq, h, d, e = problem.shape
+    chunk_size = problem.chunk_size or min(t, 64)
+    return power_retention_chunked(
+        problem.Q, problem.K, problem.V, problem.log_G, problem.state, problem.sum_of_keys,
+        deg=problem.deg, scale=problem.scale, chunk_size=chunk_size, return_final_state=True,
+    )
+
+
+def _cpu_supports(problem: Problem) -> str | None:
+    if problem.device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, got device {problem.device}"
+    if importlib.util.find_spec("numba") is None:
+        return "the cpu backend needs numba (pip install numba)"
+    return None
+
+
+def _cpu_forward(problem: Problem):
+    from .cpu import power_retention_cpu
+
+    return power_retention_cpu(problem)
+
+
+_CORE_BACKENDS = (
+    Backend("cpu", 10, _cpu_supports, _cpu_forward),
+    Backend("reference", 0, _reference_supports, _reference_forward),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_backends() -> tuple[tuple[Backend, ...], str | None]:
+    """Backends of ``retention_kernels`` and, when there are none, why."""
+    try:
+        kernels = importlib.import_module("retention_kernels")
+    except ImportError as error:
+        return (), f"retention-kernels is not installed ({error}); pip install retention-kernels=={__version__}"
+    version = getattr(kernels, "__version__", None)
+    if version != __version__:
+        message = (
+            f"retention-kernels {version} does not match retention-core {__version__}; "
+            f"pip install retention-kernels=={__version__}"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return (), message
+    return tuple(kernels.backends()), None
+
+
+def available_backends() -> dict[str, Backend]:
+    """Every installed backend by name (whether it supports a given problem is asked separately)."""
+    found = {backend.name: backend for backend in _CORE_BACKENDS}
+    found.update({backend.name: backend for backend in _kernel_backends()[0]})
+    return found
+
+
+def get_backend(name: str) -> Backend:
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    backends = available_backends()
+    if name not in backends:
+        reason = _kernel_backends()[1] or f"retention-kernels provides no {name!r} backend on this platform"
+        raise ValueError(f"backend={name!r} is not available: {reason}")
+    return backends[name]
+
+
+def select_backend(problem: Problem, name: str = "auto") -> Backend:
+    """The backend that runs ``problem``: the named one (checked), or for ``"auto"`` the best that supports it."""
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.supports(problem)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+        return backend
+    candidates = sorted(available_backends().values(), key=lambda backend: -backend.priority)
+    for backend in candidates:
+        if backend.supports(problem) is None:
+            return backend
+    raise ValueError("no installed backend supports this call")  # unreachable: reference supports everything
+
+
+def dtype_of_state(problem: Problem) -> tuple[torch.dtype, torch.dtype]:
+    """Public dtypes: the state in the inputs' dtype, the sum of keys in fp32 (fp64 for fp64 inputs)."""
+    return problem.Q.dtype, problem.compute_dtype
