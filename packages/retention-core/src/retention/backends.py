@@ -12,8 +12,8 @@ import functools
 import importlib
 import importlib.util
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -68,7 +68,7 @@ _CORE_BACKENDS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_backends() -> tuple[tuple[Backend, ...], str | None]:
     """Backends of ``retention_kernels`` and, when there are none, why."""
     try:

@@ -11,6 +11,8 @@ and the fold is ``S <- e^{G_w} S_0 + sum_j e^{G_w - G_j} phi(k_j) v_j^T`` (and `
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._validate import (
@@ -169,10 +171,60 @@ class PowerRetentionCache:
             self.window_K, self.window_V, self.window_log_G = K, V, None if log_G is None else log_G.float()
         return Y
 
+    def _tensors(self) -> dict:
+        names = ("window_K", "window_V", "window_log_G", "state", "sum_of_keys")
+        return {name: getattr(self, name) for name in names}
+
+    def _map(self, function) -> PowerRetentionCache:
+        for name, tensor in self._tensors().items():
+            if tensor is not None:
+                setattr(self, name, function(name, tensor))
+        return self
+
+    def select(self, indices: torch.Tensor) -> PowerRetentionCache:
+        """Keep (or repeat) batch rows ``indices`` [b'] in place, e.g. to reorder beams; returns self."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must be an int32/int64 tensor of batch rows, got {indices!r}")
+        return self._map(lambda name, x: x.index_select(0, indices.to(x.device)))
+
+    reorder = select
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> PowerRetentionCache:
+        """Move to ``device``; ``dtype`` converts the window and state (gates and sum of keys stay fp32)."""
+        def move(name, x):
+            keep = name in ("window_log_G", "sum_of_keys") or dtype is None
+            return x.to(device=device, dtype=None if keep else dtype)
+
+        return self._map(move)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume generation (tensors and settings)."""
+        settings = {"deg": self.deg, "scale": self.scale, "switch_over_seq_len": self.switch_over_seq_len,
+                    "position": self.position}
+        return {**settings, **self._tensors()}
+
+    def load_state_dict(self, state: dict) -> PowerRetentionCache:
+        self.deg, self.scale = state["deg"], state["scale"]
+        self.switch_over_seq_len, self.position = state["switch_over_seq_len"], state["position"]
+        for name in self._tensors():
+            setattr(self, name, state[name])
+        return self
+
+    def save(self, path) -> None:
+        """Write atomically (a temporary file, then a rename): a crash never leaves half a cache."""
+        path = os.fspath(path)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        torch.save(self.state_dict(), temporary)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path, map_location=None, backend: str = "auto") -> PowerRetentionCache:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        return cls(state["deg"], state["scale"], state["switch_over_seq_len"], backend).load_state_dict(state)
+
     def memory_bytes(self) -> int:
         """Bytes held now (state, sum of keys and window)."""
-        tensors = (self.state, self.sum_of_keys, self.window_K, self.window_V, self.window_log_G)
-        return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+        return sum(x.numel() * x.element_size() for x in self._tensors().values() if x is not None)
 
     @staticmethod
     def state_bytes(batch: int, heads: int, head_dim: int, value_dim: int, deg: int, dtype=torch.bfloat16) -> int:

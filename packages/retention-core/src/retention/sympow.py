@@ -31,7 +31,7 @@ def sympow_dim(d: int, deg: int) -> int:
     return math.comb(d + deg - 1, deg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sympow_table(d: int, deg: int) -> tuple[np.ndarray, np.ndarray]:
     """Index table ``[D, deg]`` (int64, each row a sorted multiset) and weights ``[D]`` (float64,
     ``sqrt(multinomial)``), built once per ``(d, deg)``. Read-only numpy arrays, shared by every backend."""

@@ -11,7 +11,7 @@ import torch
 
 from .reference import power_retention_quadratic
 
-__all__ = ["relative_error", "assert_close_to_oracle", "random_inputs", "plain_error"]
+__all__ = ["assert_close_to_oracle", "check_against_oracle", "plain_error", "random_inputs", "relative_error"]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -42,21 +42,83 @@ def low_precision_baseline(inputs: dict, dtype: torch.dtype, **kwargs):
     return power_retention_quadratic(**inputs, dtype=compute, **kwargs)
 
 
+def check_against_oracle(run, inputs: dict, *, grads: bool = True, return_final_state: bool = False,
+                         factor: float = 3.0, floor: float = 1e-5, plain_scales: tuple[float, float] = (1.0, 1.0),
+                         generator: torch.Generator | None = None, **kwargs) -> dict[str, float]:
+    """Check ``run(**inputs, return_final_state=..., **kwargs)`` (``power_retention`` or alike) against the oracle.
+
+    Compares ``Y`` (with ``return_final_state`` also the state and sum of keys) and, with ``grads``, the
+    gradients of every input tensor for random cotangents, each by :func:`assert_close_to_oracle`, the baseline
+    being the quadratic formula in plain PyTorch at the inputs' precision (fp32 for fp32 and up).
+    ``plain_scales = (a, c)``: powers of two that multiply Q and K in the plain baseline only. Without an
+    initial state ``Y(aQ, cK) = Y(Q, K)`` exactly (the state scales by ``c^deg`` and is scaled back), so
+    extreme magnitudes get a baseline that does not overflow in fp16/bf16. Returns the errors by name.
+    """
+    dtype = inputs["Q"].dtype
+    plain_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    query_scale, key_scale = plain_scales
+    if (query_scale, key_scale) != (1.0, 1.0) and inputs.get("initial_state") is not None:
+        raise ValueError("plain_scales needs inputs without an initial_state")
+    oracle_kwargs = {name: kwargs[name] for name in ("deg", "scale") if name in kwargs}
+
+    def leaves(cast) -> dict:
+        return {name: x if not isinstance(x, torch.Tensor) else cast(x.detach()).requires_grad_(grads)
+                for name, x in inputs.items()}
+
+    mine, oracle, plain = leaves(lambda x: x), leaves(torch.Tensor.double), leaves(lambda x: x)
+    outputs = {}
+    result = run(**mine, return_final_state=return_final_state, **kwargs)
+    outputs["mine"] = result if return_final_state else (result,)
+    outputs["oracle"] = power_retention_quadratic(**oracle, return_final_state=True, **oracle_kwargs)
+    scaled = {**plain, "Q": plain["Q"] * query_scale, "K": plain["K"] * key_scale}
+    Y, state, keys = power_retention_quadratic(**scaled, return_final_state=True, dtype=plain_dtype, **oracle_kwargs)
+    state_scale = key_scale ** oracle_kwargs.get("deg", 2)
+    outputs["plain"] = (Y, state.double() / state_scale, keys.double() / state_scale)
+    count = 3 if return_final_state else 1
+    names = ["Y", "state", "sum_of_keys"][:count]
+    errors = {}
+    for name, actual, expected, baseline in zip(names, outputs["mine"], outputs["oracle"], outputs["plain"]):
+        errors[name] = relative_error(actual, expected)
+        assert_close_to_oracle(name, actual, expected, plain_error(expected, baseline), factor, floor)
+    if not grads:
+        return errors
+
+    cotangents = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in outputs["oracle"][:count]]
+    for key, leaf in (("mine", mine), ("oracle", oracle), ("plain", plain)):
+        loss = sum((out.double() * cot.to(out.device)).sum() for out, cot in zip(outputs[key][:count], cotangents))
+        tensors = [x for x in leaf.values() if isinstance(x, torch.Tensor)]
+        for x, grad in zip(tensors, torch.autograd.grad(loss, tensors, allow_unused=True)):
+            x.grad = grad
+    for name, x in mine.items():
+        if not isinstance(x, torch.Tensor):
+            continue
+        expected = oracle[name].grad
+        assert x.grad is not None, f"grad of {name}: the backend returned no gradient"
+        errors[f"grad {name}"] = relative_error(x.grad, expected)
+        assert_close_to_oracle(f"grad {name}", x.grad, expected, plain_error(expected, plain[name].grad),
+                               factor, floor)
+    return errors
+
+
 def random_inputs(b=2, t=33, hq=4, h=2, d=16, e=None, dtype=torch.float32, device="cpu", gating=True,
-                  gate_strength=1.0, magnitude=1.0, state=False, deg=2, generator=None, requires_grad=False):
+                  gate_strength=1.0, magnitude=1.0, state=False, deg=2, generator=None, requires_grad=False,
+                  offset=0.0):
     """Fresh random ``Q, K, V, log_G`` (and a state) as a dict of ``power_retention`` keyword arguments.
 
-    Gates are ``logsigmoid`` of normal draws times ``gate_strength`` (so ``log_G <= 0``).
+    Gates are ``logsigmoid`` of normal draws times ``gate_strength`` (so ``log_G <= 0``). ``offset`` (times
+    ``magnitude``) is added to every coordinate of Q and K: with ``offset ~ 0.7`` most scores are positive, so
+    odd degrees get denominators away from zero while some scores stay negative.
     """
     from .sympow import sympow_dim
 
     e = d if e is None else e
 
-    def draw(*shape, scale=magnitude, dt=dtype):
-        x = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+    def draw(*shape, scale=magnitude, shift=0.0, dt=dtype):
+        x = (torch.randn(*shape, generator=generator, dtype=torch.float64) + shift) * scale
         return x.to(device=device, dtype=dt).requires_grad_(requires_grad)
 
-    inputs = {"Q": draw(b, t, hq, d), "K": draw(b, t, h, d), "V": draw(b, t, h, e, scale=1.0)}
+    inputs = {"Q": draw(b, t, hq, d, shift=offset), "K": draw(b, t, h, d, shift=offset),
+              "V": draw(b, t, h, e, scale=1.0)}
     if gating:
         gates = torch.nn.functional.logsigmoid(
             torch.randn(b, t, h, generator=generator, dtype=torch.float64) * gate_strength + 1.0
