@@ -1,7 +1,9 @@
 """Backend selection, in one place.
 
 A backend is a name, a priority, a ``supports(problem)`` check (None when it can run the problem, else the
-reason it cannot) and a differentiable ``forward(problem) -> (Y, state, sum_of_keys)``. ``"auto"`` picks the
+reason it cannot), a differentiable ``forward(problem) -> (Y, state, sum_of_keys)`` and, optionally, an
+``attend_window(problem, G) -> Y`` for inference (queries at the end of a window plus the state before it,
+``G`` the window's cumulative log gate in fp32; see ``retention.inference``). ``"auto"`` picks the
 highest-priority backend that supports the problem. Backends in ``retention_kernels`` (Triton, CUDA) are
 discovered when that package is installed at the same version.
 """
@@ -31,6 +33,7 @@ class Backend:
     priority: int
     supports: Callable[[Problem], str | None]
     forward: Callable[[Problem], tuple]
+    attend_window: Callable | None = None
 
 
 def _reference_supports(problem: Problem) -> str | None:
@@ -103,19 +106,25 @@ def get_backend(name: str) -> Backend:
     return backends[name]
 
 
-def select_backend(problem: Problem, name: str = "auto") -> Backend:
-    """The backend that runs ``problem``: the named one (checked), or for ``"auto"`` the best that supports it."""
+def select_backend(problem: Problem, name: str = "auto", need: str = "forward") -> Backend | None:
+    """The backend that runs ``problem``: the named one (checked), or for ``"auto"`` the best that supports it.
+
+    ``need="attend_window"`` asks for a backend with that (optional) operation; None when ``"auto"`` finds
+    none (the caller then uses the plain PyTorch path).
+    """
     if name != "auto":
         backend = get_backend(name)
         reason = backend.supports(problem)
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run this call: {reason}")
-        return backend
+        return backend if getattr(backend, need) is not None else None
     candidates = sorted(available_backends().values(), key=lambda backend: -backend.priority)
     for backend in candidates:
-        if backend.supports(problem) is None:
+        if getattr(backend, need) is not None and backend.supports(problem) is None:
             return backend
-    raise ValueError("no installed backend supports this call")  # unreachable: reference supports everything
+    if need == "forward":
+        raise ValueError("no installed backend supports this call")  # unreachable: reference supports everything
+    return None
 
 
 def dtype_of_state(problem: Problem) -> tuple[torch.dtype, torch.dtype]:

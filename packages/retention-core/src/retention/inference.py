@@ -16,6 +16,7 @@ import os
 import torch
 
 from ._validate import (
+    Problem,
     check_deg,
     check_log_G,
     check_positive_int,
@@ -28,6 +29,7 @@ from ._validate import (
     split_initial_state,
 )
 from .api import power_retention
+from .backends import select_backend
 from .reference import expand_heads, normalise, update_state
 from .sympow import sympow, sympow_dim
 
@@ -90,7 +92,12 @@ def power_retention_inference(
 
     compute = torch.promote_types(Q.dtype, torch.float32)
     G = (torch.zeros(b, w, h, device=Q.device, dtype=compute) if log_G is None else log_G.to(compute)).cumsum(1)
-    Y = _attend_window(Q, K, V, G, state, keys, deg, scale, compute)
+    problem = Problem(Q, K, V, log_G, state, keys, deg, scale, None, fold)
+    kernel = select_backend(problem, backend, need="attend_window")
+    if kernel is not None:
+        Y = kernel.attend_window(problem, G)
+    else:
+        Y = _attend_window(Q, K, V, G, state, keys, deg, scale, compute)
     if not fold:
         return Y, state, keys
     new_state, new_keys = update_state(K, V, G, deg, state, keys, compute)
