@@ -34,7 +34,7 @@ def update_state(K, V, G, deg, state=None, sum_of_keys=None, dtype=torch.float32
     new_state = torch.einsum("bthD,bthe->bhDe", phi_k, v)
     new_keys = phi_k.sum(1)
     if state is not None:
-        total = G[:, -1].exp() if G.shape[1] else torch.ones_like(G[:, 0])  # [b, h]
+        total = G[:, -1].exp() if G.shape[1] else G.new_ones(G.shape[0], G.shape[2])  # [b, h]
         new_state = new_state + total[..., None, None] * state.to(dtype)
         new_keys = new_keys + total[..., None] * sum_of_keys.to(dtype)
     return new_state, new_keys
