@@ -1,0 +1,307 @@
+"""Fused Triton kernels for inference: query ``state + window`` (decode) and fold the window into the state.
+
+``attend_window(problem, G) -> Y [b, tq, hq, e]`` is the ``attend_window`` op of the ``"triton"`` backend
+(contract in ``retention.backends``). A query at window position ``m`` (queries align to the end of the window,
+``G`` the window's cumulative log gate, ``S, z`` the state before the window) reads
+
+    num = s^p e^{G_m} phi(q)^T S + sum_{j <= m} (s <q, k_j>)^p e^{G_m - G_j} v_j
+    den = s^p e^{G_m} phi(q)^T z + sum_{j <= m} (s <q, k_j>)^p e^{G_m - G_j}
+    y   = num / den        (0 where den == 0)
+
+``phi(q)`` is never materialised: each program builds it tile by tile from the minimal sympow layout (the index
+and weight table of :func:`retention.sympow.sympow_table`), so the state is streamed from memory exactly once per
+query row. The state may be bf16/fp16/fp32; every product and accumulator is fp32. To use the whole GPU at
+decode (``b * hq`` rows only), the state's D tiles and the window's key blocks are split over ``splits``
+programs per row, and a second small kernel adds the partial sums and normalises.
+
+``fold_window(K, V, G, deg, state, sum_of_keys)`` is the fold ``S' = e^{G_w} S + sum_j e^{G_w - G_j} phi(k_j)
+v_j^T`` (and ``z'`` alike), one program per ``(D tile, b * h)``: ``phi(k)`` tiles are built on the fly and
+multiplied with ``V`` by ``tl.dot``, so the ``[w, D]`` features never touch memory. It may write in place.
+
+Both run under ``TRITON_INTERPRET=1`` on CPU tensors (the CI tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from retention.sympow import sympow_indices, sympow_weights
+
+__all__ = ["attend_window", "fold_window", "update_state"]
+
+
+@functools.lru_cache(maxsize=32)
+def _table(d: int, deg: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sympow layout as kernel inputs: ``index [D, deg]`` int32 and ``weight [D]`` fp32 (built once)."""
+    index = sympow_indices(d, deg, device).to(torch.int32).contiguous()
+    weight = sympow_weights(d, deg, device).to(torch.float32).contiguous()
+    return index, weight
+
+
+def _default_splits(rows: int, tiles: int, device: torch.device) -> int:
+    """Programs per query row: enough to give every SM a few programs, at most one per state tile."""
+    if device.type != "cuda":
+        return 1
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(4 * processors, rows)))
+
+
+@triton.jit
+def _attend_window_kernel(
+    Q, K, V, G, S, Z, INDEX, WEIGHT, OUT, PARTIAL,
+    tq, w, hq, ratio, D, d, e, scale, scale_power,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, sve,
+    sgb, sgt, sgh,
+    ssb, ssh, ssd, sse,
+    szb, szh, szd,
+    sob, sot, soh, soe,
+    DEG: tl.constexpr, HAS_STATE: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    row = tl.program_id(0)  # (batch, query, query head), query head fastest
+    split = tl.program_id(1)
+    head = row % hq
+    query = (row // hq) % tq
+    batch = row // (hq * tq)
+    kv_head = head // ratio
+    position = w - tq + query  # window position of this query; -1 when there is no window
+
+    offs_dh = tl.arange(0, BLOCK_DH)
+    offs_e = tl.arange(0, BLOCK_E)
+    q_base = Q + batch * sqb + query * sqt + head * sqh
+    q = tl.load(q_base + offs_dh * sqd, mask=offs_dh < d, other=0.0).to(tl.float32)
+    # G_m = 0 with no window (then nothing decays the state).
+    G_m = tl.load(G + batch * sgb + tl.maximum(position, 0) * sgt + kv_head * sgh, mask=w > 0, other=0.0)
+
+    # Accumulate elementwise and reduce once at the end: no cross-thread reduction inside the loops.
+    numerator = tl.zeros([BLOCK_W, BLOCK_E], dtype=tl.float32)
+    denominator = tl.zeros([BLOCK_W], dtype=tl.float32)
+
+    # The window: keys 0..position, causal, each decayed by e^{G_m - G_j}.
+    k_base = K + batch * skb + kv_head * skh
+    v_base = V + batch * svb + kv_head * svh
+    g_base = G + batch * sgb + kv_head * sgh
+    for block in range(split, tl.cdiv(position + 1, BLOCK_W), SPLITS):
+        offs_j = block * BLOCK_W + tl.arange(0, BLOCK_W)
+        visible = offs_j <= position
+        k = tl.load(k_base + offs_j[:, None] * skt + offs_dh[None, :] * skd,
+                    mask=visible[:, None] & (offs_dh[None, :] < d), other=0.0).to(tl.float32)
+        score = tl.sum(k * q[None, :], axis=1) * scale
+        power = score
+        for _ in tl.static_range(DEG - 1):
+            power = power * score
+        G_j = tl.load(g_base + offs_j * sgt, mask=visible, other=0.0)
+        weight = tl.where(visible, power * tl.exp(G_m - G_j), 0.0)
+        v = tl.load(v_base + offs_j[:, None] * svt + offs_e[None, :] * sve,
+                    mask=visible[:, None] & (offs_e[None, :] < e), other=0.0).to(tl.float32)
+        numerator += weight[:, None] * v
+        denominator += weight
+    numerator = tl.sum(numerator, axis=0)
+    denominator = tl.sum(denominator, axis=0)
+
+    # The state: phi(q)^T [S, z], phi(q) built tile by tile from the sympow table, scaled once at the end.
+    if HAS_STATE:
+        state_numerator = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+        state_denominator = tl.zeros([BLOCK_D], dtype=tl.float32)
+        s_base = S + batch * ssb + kv_head * ssh
+        z_base = Z + batch * szb + kv_head * szh
+        for tile in range(split, tl.cdiv(D, BLOCK_D), SPLITS):
+            offs_a = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+            inside = offs_a < D
+            phi = tl.load(WEIGHT + offs_a, mask=inside, other=0.0)
+            for p in tl.static_range(DEG):
+                coordinate = tl.load(INDEX + offs_a * DEG + p, mask=inside, other=0)
+                phi = phi * tl.load(q_base + coordinate * sqd, mask=inside, other=0.0).to(tl.float32)
+            state = tl.load(s_base + offs_a[:, None] * ssd + offs_e[None, :] * sse,
+                            mask=inside[:, None] & (offs_e[None, :] < e), other=0.0).to(tl.float32)
+            z = tl.load(z_base + offs_a * szd, mask=inside, other=0.0).to(tl.float32)
+            state_numerator += phi[:, None] * state
+            state_denominator += phi * z
+        coefficient = scale_power * tl.exp(G_m)
+        numerator += coefficient * tl.sum(state_numerator, axis=0)
+        denominator += coefficient * tl.sum(state_denominator, axis=0)
+
+    if SPLITS == 1:
+        empty = denominator == 0.0
+        y = tl.where(empty, 0.0, numerator / tl.where(empty, 1.0, denominator))
+        out = OUT + batch * sob + query * sot + head * soh + offs_e * soe
+        tl.store(out, y.to(OUT.dtype.element_ty), mask=offs_e < e)
+    else:
+        # PARTIAL [SPLITS, rows, BLOCK_E + 1]: numerators, then the denominator in the last column.
+        partial = PARTIAL + (split * tl.num_programs(0) + row) * (BLOCK_E + 1)
+        tl.store(partial + offs_e, numerator)
+        tl.store(partial + BLOCK_E, denominator)
+
+
+@triton.jit
+def _combine_kernel(
+    PARTIAL, OUT, tq, hq, e,
+    sob, sot, soh, soe,
+    SPLITS: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    row = tl.program_id(0)
+    rows = tl.num_programs(0)
+    head = row % hq
+    query = (row // hq) % tq
+    batch = row // (hq * tq)
+    offs_e = tl.arange(0, BLOCK_E)
+    numerator = tl.load(PARTIAL + row * (BLOCK_E + 1) + offs_e)
+    denominator = tl.load(PARTIAL + row * (BLOCK_E + 1) + BLOCK_E)
+    for split in tl.static_range(1, SPLITS):
+        partial = PARTIAL + (split * rows + row) * (BLOCK_E + 1)
+        numerator += tl.load(partial + offs_e)
+        denominator += tl.load(partial + BLOCK_E)
+    empty = denominator == 0.0
+    y = tl.where(empty, 0.0, numerator / tl.where(empty, 1.0, denominator))
+    out = OUT + batch * sob + query * sot + head * soh + offs_e * soe
+    tl.store(out, y.to(OUT.dtype.element_ty), mask=offs_e < e)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_d: int | None = None) -> torch.Tensor:
+    """Outputs of the queries at the end of the window, ``Y [b, tq, hq, e]`` in ``Q``'s dtype.
+
+    ``problem``: a validated ``retention._validate.Problem`` (``Q [b, tq, hq, d]``, window ``K [b, w, h, d]``,
+    ``V [b, w, h, e]``, optional ``state [b, h, D, e]`` and ``sum_of_keys [b, h, D]``). ``G [b, w, h]``: the
+    window's cumulative log gate (fp32). ``splits`` (programs per query row) and ``block_d`` (state tile rows)
+    default to a choice for the device.
+    """
+    Q, K, V, state, keys = problem.Q, problem.K, problem.V, problem.state, problem.sum_of_keys
+    b, tq, hq, h, d, e = problem.shape
+    w = K.shape[1]
+    index, weight = _table(d, problem.deg, Q.device)
+    D = index.shape[0]
+    block_e = _block(e)
+    if block_d is None:
+        block_d = max(16, min(128, 8192 // block_e))
+    rows = b * tq * hq
+    splits = splits or _default_splits(rows, triton.cdiv(D, block_d), Q.device)
+    G = G.float() if G.numel() else torch.zeros(b, 1, h, device=Q.device)  # a valid pointer when w == 0
+    has_state = state is not None
+    if not has_state:  # unused pointers
+        state, keys = G.new_zeros(1, 1, 1, 1), G.new_zeros(1, 1, 1)
+    out = torch.full((b, tq, hq, e), float("nan"), device=Q.device, dtype=Q.dtype)
+    partial = out if splits == 1 else torch.empty(splits, rows, block_e + 1, device=Q.device, dtype=torch.float32)
+    # Empty windows still need strides that address memory; K and V are then never read.
+    _attend_window_kernel[(rows, splits)](
+        Q, K, V, G, state, keys, index, weight, out, partial,
+        tq, w, hq, hq // h, D, d, e, problem.scale, problem.scale**problem.deg,
+        *Q.stride(), *K.stride(), *V.stride(), *G.stride(), *state.stride(), *keys.stride(), *out.stride(),
+        DEG=problem.deg, HAS_STATE=has_state, SPLITS=splits,
+        BLOCK_W=32, BLOCK_D=block_d, BLOCK_DH=_block(d), BLOCK_E=block_e,
+        num_warps=4,
+    )
+    if splits > 1:
+        _combine_kernel[(rows,)](partial, out, tq, hq, e, *out.stride(), SPLITS=splits, BLOCK_E=block_e)
+    return out
+
+
+@triton.jit
+def _fold_kernel(
+    K, V, G, S, Z, INDEX, WEIGHT, OUT_S, OUT_Z,
+    w, h, D, d, e,
+    skb, skt, skh, skd,
+    svb, svt, svh, sve,
+    sgb, sgt, sgh,
+    ssb, ssh, ssd, sse,
+    szb, szh, szd,
+    sob, soh, sod, soe,
+    szob, szoh, szod,
+    DEG: tl.constexpr, HAS_STATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch = tl.program_id(1) // h
+    head = tl.program_id(1) % h
+    offs_a = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = offs_a < D
+    offs_e = tl.arange(0, BLOCK_E)
+    feature_weight = tl.load(WEIGHT + offs_a, mask=inside, other=0.0)
+    k_base = K + batch * skb + head * skh
+    v_base = V + batch * svb + head * svh
+    g_base = G + batch * sgb + head * sgh
+    G_w = tl.load(g_base + tl.maximum(w - 1, 0) * sgt, mask=w > 0, other=0.0)
+
+    state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    keys = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, w, BLOCK_W):
+        offs_j = start + tl.arange(0, BLOCK_W)
+        present = offs_j < w
+        decay = tl.where(present, tl.exp(G_w - tl.load(g_base + offs_j * sgt, mask=present, other=0.0)), 0.0)
+        # phi(k_j)^T for this D tile and key block: [BLOCK_D, BLOCK_W], decayed to the end of the window.
+        phi = feature_weight[:, None] * decay[None, :]
+        for p in tl.static_range(DEG):
+            coordinate = tl.load(INDEX + offs_a * DEG + p, mask=inside, other=0)
+            phi = phi * tl.load(k_base + offs_j[None, :] * skt + coordinate[:, None] * skd,
+                                mask=inside[:, None] & present[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_base + offs_j[:, None] * svt + offs_e[None, :] * sve,
+                    mask=present[:, None] & (offs_e[None, :] < e), other=0.0)
+        state = tl.dot(phi.to(DOT_DTYPE), v.to(DOT_DTYPE), state, input_precision=PRECISION)
+        keys += tl.sum(phi, axis=1)
+
+    mask = inside[:, None] & (offs_e[None, :] < e)
+    if HAS_STATE:
+        total = tl.exp(G_w)
+        old = tl.load(S + batch * ssb + head * ssh + offs_a[:, None] * ssd + offs_e[None, :] * sse,
+                      mask=mask, other=0.0).to(tl.float32)
+        old_keys = tl.load(Z + batch * szb + head * szh + offs_a * szd, mask=inside, other=0.0).to(tl.float32)
+        state += total * old
+        keys += total * old_keys
+    tl.store(OUT_S + batch * sob + head * soh + offs_a[:, None] * sod + offs_e[None, :] * soe,
+             state.to(OUT_S.dtype.element_ty), mask=mask)
+    tl.store(OUT_Z + batch * szob + head * szoh + offs_a * szod, keys.to(OUT_Z.dtype.element_ty), mask=inside)
+
+
+def fold_window(K, V, G, deg: int, state=None, sum_of_keys=None, *, out_state=None, out_keys=None,
+                state_dtype: torch.dtype | None = None):
+    """Fold a window into the state: ``S' = e^{G_w} S + sum_j e^{G_w - G_j} phi(k_j) v_j^T``, ``z'`` alike.
+
+    K ``[b, w, h, d]``, V ``[b, w, h, e]``, G ``[b, w, h]`` (cumulative log gate of the window, fp32),
+    state ``[b, h, D, e]`` and sum_of_keys ``[b, h, D]`` or None. Writes ``out_state`` / ``out_keys`` when given
+    (they may be ``state`` / ``sum_of_keys`` themselves: each tile is read before it is written by the same
+    program), else new tensors: the state in ``state_dtype`` (default ``K``'s dtype), the sum of keys in fp32.
+    bf16/fp16 windows multiply ``phi(k)`` and ``V`` in bf16 with fp32 accumulation; fp32 windows in full fp32.
+    """
+    b, w, h, d = K.shape
+    e = V.shape[-1]
+    index, weight = _table(d, deg, K.device)
+    D = index.shape[0]
+    if out_state is None:
+        out_state = torch.full((b, h, D, e), float("nan"), device=K.device, dtype=state_dtype or K.dtype)
+    if out_keys is None:
+        out_keys = torch.full((b, h, D), float("nan"), device=K.device, dtype=torch.float32)
+    has_state = state is not None
+    if not has_state:
+        state, sum_of_keys = out_state, out_keys  # unused pointers
+    G = G.float() if G.numel() else torch.zeros(b, 1, h, device=K.device)
+    # The interpreter (CPU) multiplies bf16 dot operands as raw bits: it gets fp32 operands instead.
+    low_precision = K.dtype in (torch.bfloat16, torch.float16) and K.device.type == "cuda"
+    block_d, block_w, block_e = 64, 32, _block(e)
+    _fold_kernel[(triton.cdiv(D, block_d), b * h)](
+        K, V, G, state, sum_of_keys, index, weight, out_state, out_keys,
+        w, h, D, d, e,
+        *K.stride(), *V.stride(), *G.stride(), *state.stride(), *sum_of_keys.stride(),
+        *out_state.stride(), *out_keys.stride(),
+        DEG=deg, HAS_STATE=has_state,
+        DOT_DTYPE=tl.bfloat16 if low_precision else tl.float32,
+        PRECISION="tf32" if low_precision else "ieee",  # unused for bf16 operands
+        BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_E=block_e,
+        num_warps=4,
+    )
+    return out_state, out_keys
+
+
+def update_state(problem, G: torch.Tensor):
+    """The backend's fold op: ``(state [b, h, D, e] in Q's dtype, sum_of_keys [b, h, D] fp32)`` after folding
+    the window of ``problem`` (see :func:`fold_window`) into ``problem.state``."""
+    return fold_window(problem.K, problem.V, G, problem.deg, problem.state, problem.sum_of_keys,
+                       state_dtype=problem.Q.dtype)

@@ -1,0 +1,160 @@
+"""The Triton inference kernels (``attend_window``, ``fold_window``) against the float64 oracle.
+
+On a machine without CUDA they run under ``TRITON_INTERPRET=1`` on CPU tensors (CI); with CUDA, on the GPU.
+Shapes stay tiny: the interpreter runs every program in numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zlib
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from retention._validate import Problem  # noqa: E402
+from retention.reference import power_retention_quadratic, update_state  # noqa: E402
+from retention.sympow import sympow_dim  # noqa: E402
+from retention.testing import assert_close_to_oracle, plain_error, random_inputs  # noqa: E402
+from retention_kernels.triton import decode  # noqa: E402
+
+if DEVICE == "cpu":
+    decode = importlib.reload(decode)  # decorate the kernels again, now as interpreted functions
+
+
+def window_case(b=2, w=11, tq=1, hq=4, h=2, d=16, e=None, deg=2, dtype=torch.float32, state=True, gating=True,
+                gate_strength=1.0, seed=0):
+    """A window of ``w`` steps, ``tq`` queries at its end, a state before it; returns the kernel inputs and the
+    oracle/plain outputs of those queries (the quadratic formula over the window with the initial state)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = random_inputs(b=b, t=max(w, 1), hq=hq, h=h, d=d, e=e, dtype=dtype, device=DEVICE, gating=gating,
+                           gate_strength=gate_strength, state=state, deg=deg, generator=generator)
+    inputs["Q"] = inputs["Q"][:, -tq:] if w else inputs["Q"][:, :tq]
+    if w == 0:
+        inputs["K"], inputs["V"] = inputs["K"][:, :0], inputs["V"][:, :0]
+        inputs["log_G"] = None if not gating else inputs["log_G"][:, :0]
+    return inputs
+
+
+def expected_outputs(inputs, deg, dtype):
+    """Oracle (float64) and same-precision plain outputs of the window's last ``tq`` queries."""
+    Q, K = inputs["Q"], inputs["K"]
+    b, tq, hq, d = Q.shape
+    w = K.shape[1]
+    results = []
+    for compute in (torch.float64, dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32):
+        if w == 0:  # only the state: the quadratic formula of one step with a zero key
+            zeros = {"K": K.new_zeros(b, 1, K.shape[2], d), "V": inputs["V"].new_zeros(b, 1, K.shape[2],
+                                                                                  inputs["V"].shape[-1])}
+            args = {**inputs, **zeros, "log_G": None}
+            outputs = [power_retention_quadratic(**{**args, "Q": Q[:, i:i + 1]}, deg=deg, dtype=compute)
+                       for i in range(tq)]
+            results.append(torch.cat(outputs, dim=1))
+            continue
+        # Queries at the window's end: pad Q at the front so the quadratic formula sees aligned positions.
+        full_Q = torch.cat([Q.new_zeros(b, w - tq, hq, d), Q], dim=1)
+        Y = power_retention_quadratic(**{**inputs, "Q": full_Q}, deg=deg, dtype=compute)
+        results.append(Y[:, w - tq:])
+    return results
+
+
+def run_attend(inputs, deg, **options):
+    Q, K, V, log_G = inputs["Q"], inputs["K"], inputs["V"], inputs.get("log_G")
+    b, w, h = K.shape[:3]
+    state, keys = inputs.get("initial_state"), inputs.get("sum_of_keys")
+    problem = Problem(Q, K, V, log_G, state, keys, deg, Q.shape[-1] ** -0.5, None, False)
+    G = torch.zeros(b, w, h, device=Q.device) if log_G is None else log_G.float().cumsum(1)
+    return decode.attend_window(problem, G, **options)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),  # GQA, gating, a state, one query
+        dict(tq=3, splits=3),  # tq > 1 (each query its own gate discount), partial sums combined
+        dict(hq=2, h=2, state=False),  # window only
+        dict(w=0, tq=2),  # state only (no window yet)
+        dict(d=8, e=24, deg=3, splits=2),  # odd degree, e != d, e not a power of two
+        dict(w=40, gate_strength=20.0, tq=2),  # strong gating: e^{G} underflows, no 0/0
+        dict(b=1, hq=3, h=1, gating=False, deg=4, d=4, block_d=16),  # deg 4, several D tiles
+    ],
+    ids=["gqa", "tq3-splits", "no-state", "no-window", "deg3", "strong-gate", "deg4"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attend_window_matches_oracle(case, dtype):
+    case = dict(case)
+    options = {name: case.pop(name) for name in ("splits", "block_d") if name in case}
+    deg = case.get("deg", 2)
+    inputs = window_case(dtype=dtype, seed=zlib.crc32(f"{case}{dtype}".encode()), **case)
+    Y = run_attend(inputs, deg, **options)
+    oracle, plain = expected_outputs(inputs, deg, dtype)
+    assert Y.dtype == dtype
+    assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain), floor=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_attend_window_zero_query_gives_zero():
+    """A query orthogonal to everything has denominator 0: the output row is 0, never NaN."""
+    inputs = window_case(b=1, w=5, tq=2, hq=2, h=1)
+    inputs["Q"] = inputs["Q"].clone()
+    inputs["Q"][:, 0] = 0.0
+    Y = run_attend(inputs, 2, splits=2)
+    assert torch.equal(Y[:, 0], torch.zeros_like(Y[:, 0]))
+    oracle, plain = expected_outputs(inputs, 2, torch.float32)
+    assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain))
+
+
+def test_attend_window_non_contiguous_inputs():
+    inputs = window_case(b=2, w=7, tq=2, hq=2, h=2, d=16)
+    for name in ("Q", "K", "V"):  # same values, transposed memory layout
+        x = inputs[name]
+        inputs[name] = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not inputs[name].is_contiguous()
+    state = inputs["initial_state"]
+    inputs["initial_state"] = state.transpose(-1, -2).contiguous().transpose(-1, -2)
+    Y = run_attend(inputs, 2)
+    oracle, plain = expected_outputs(inputs, 2, torch.float32)
+    assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "fresh"])
+def test_fold_window_matches_oracle(dtype, with_state):
+    generator = torch.Generator().manual_seed(7 + with_state)
+    b, w, h, d, e, deg = 2, 37, 2, 8, 16, 2
+    inputs = random_inputs(b=b, t=w, hq=h, h=h, d=d, e=e, dtype=dtype, device=DEVICE, state=with_state, deg=deg,
+                           generator=generator)
+    G = inputs["log_G"].cumsum(1)
+    state, keys = inputs.get("initial_state"), inputs.get("sum_of_keys")
+    new_state, new_keys = decode.fold_window(inputs["K"], inputs["V"], G, deg, state, keys)
+    assert new_state.shape == (b, h, sympow_dim(d, deg), e) and new_state.dtype == dtype
+    assert new_keys.dtype == torch.float32
+
+    def fold(compute):
+        return update_state(inputs["K"], inputs["V"], inputs["log_G"].to(compute).cumsum(1), deg, state, keys,
+                            compute)
+
+    oracle, plain = fold(torch.float64), fold(dtype if dtype == torch.bfloat16 else torch.float32)
+    plain = [x.to(dtype).double() for x in plain]  # the plain path also rounds the state to the model dtype
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert_close_to_oracle("state", new_state, oracle[0], plain_error(oracle[0], plain[0]), floor=floor)
+    assert_close_to_oracle("sum_of_keys", new_keys, oracle[1], plain_error(oracle[1], plain[1]), floor=floor)
+
+
+def test_fold_window_in_place():
+    """Writing the folded state over the old one (what the static cache does) gives the same result."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = random_inputs(b=1, t=9, hq=2, h=2, d=8, state=True, generator=generator, device=DEVICE)
+    G = inputs["log_G"].cumsum(1)
+    state, keys = inputs["initial_state"].clone(), inputs["sum_of_keys"].clone()
+    expected = decode.fold_window(inputs["K"], inputs["V"], G, 2, state, keys)
+    result = decode.fold_window(inputs["K"], inputs["V"], G, 2, state, keys, out_state=state, out_keys=keys)
+    assert result[0].data_ptr() == state.data_ptr()
+    torch.testing.assert_close(state, expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keys, expected[1], rtol=1e-6, atol=1e-6)
