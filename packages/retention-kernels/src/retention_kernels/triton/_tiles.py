@@ -1,0 +1,64 @@
+"""Triton helpers shared by the kernels: the sympow expansion of a tile and its transposed Jacobian.
+
+The state is kept in the minimal public layout of ``retention.sympow`` (feature ``a`` multiplies
+``x[idx[a, 0]] * ... * x[idx[a, p-1]]`` with weight ``w[a]``), so no conversion is needed at the API boundary.
+A tile of features ``a0 .. a0+BD`` of ``phi(x)`` for a block of rows is built in registers from ``p`` gathered
+loads of the rows (they sit in L1), never written to memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sympow_tile(x_ptr, row_offsets, row_mask, stride_d, IDX, W, a, a_mask, DEG: tl.constexpr):
+    """``phi(x)[rows, a]`` as an fp32 ``[rows, BD]`` tile: ``w[a] * prod_l x[row, idx[a, l]]`` (0 where masked)."""
+    mask = row_mask[:, None] & a_mask[None, :]
+    phi = tl.load(W + a, mask=a_mask, other=0.0)[None, :]
+    for l in tl.static_range(DEG):
+        coordinate = tl.load(IDX + a * DEG + l, mask=a_mask, other=0)
+        x = tl.load(x_ptr + row_offsets[:, None] + coordinate[None, :] * stride_d, mask=mask, other=0.0)
+        phi = phi * x.to(tl.float32)
+    return phi
+
+
+@triton.jit
+def sympow_vjp(acc, dphi, x_ptr, row_offsets, row_mask, stride_d, IDX, W, a, a_mask,
+               DEG: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + J_phi(x)^T dphi`` for a ``[rows, BD]`` tile ``dphi``; ``acc`` is ``[rows, DP]`` fp32.
+
+    ``(J^T u)_m = sum_a u_a w_a sum_{l: idx[a,l]=m} prod_{l' != l} x[idx[a,l']]``: for each factor ``l`` the
+    coefficients are scattered onto the coordinates by a product with the one-hot matrix of ``idx[:, l]``.
+    """
+    mask = row_mask[:, None] & a_mask[None, :]
+    weighted = dphi * tl.load(W + a, mask=a_mask, other=0.0)[None, :]
+    columns = tl.arange(0, DP)
+    for l in tl.static_range(DEG):
+        coefficient = weighted
+        for other in tl.static_range(DEG):
+            if other != l:
+                coordinate = tl.load(IDX + a * DEG + other, mask=a_mask, other=0)
+                x = tl.load(x_ptr + row_offsets[:, None] + coordinate[None, :] * stride_d, mask=mask, other=0.0)
+                coefficient = coefficient * x.to(tl.float32)
+        target = tl.load(IDX + a * DEG + l, mask=a_mask, other=-1)
+        one_hot = (target[:, None] == columns[None, :]).to(OP)
+        acc += tl.dot(coefficient.to(OP), one_hot, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def integer_power(x, P: tl.constexpr):
+    """``x ** P`` for a small constant integer ``P >= 0`` (repeated products, exact signs)."""
+    if P == 0:
+        result = x * 0.0 + 1.0
+    else:
+        result = x
+        for _ in tl.static_range(P - 1):
+            result = result * x
+    return result
+
+
+def next_power_of_2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))

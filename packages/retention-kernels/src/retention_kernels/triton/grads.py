@@ -1,0 +1,192 @@
+"""Backward of one chunk: gradients of Q (per query head) and of K, V and the key side of the gates (per
+key/value head, summing the query heads of its group). With ``dN'_i = [dn_i, delta_i]``,
+``A_ij = (s q_i.k_j)^p e^{G_i - G_j}`` (j <= i in the chunk) and ``dA_ij = dn_i.v_j + delta_i``::
+
+    dq_i  = s sum_j dA_ij p (s q_i.k_j)^(p-1) e^{G_i-G_j} k_j  +  J_phi(q_i)^T (s^p e^{G_i} S'_c dN'_i)
+    dk_j  = s sum_i dA_ij p (s q_i.k_j)^(p-1) e^{G_i-G_j} q_i  +  J_phi(k_j)^T (e^{G_last-G_j} dS'_{c+1} [v_j, 1])
+    dv'_j = sum_i A_ij dN'_i  +  e^{G_last-G_j} dS'_{c+1}^T phi(k_j)
+    DGK_j = [v_j, 1] . dv'_j        (the key side of dG; the query side dN'_i.N'_i is formed outside)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._tiles import integer_power, sympow_tile, sympow_vjp
+
+
+@triton.jit
+def query_grad_kernel(
+    Q, K, V, G, IDX, W, STATES, ZS, DN, DELTA, DQ,
+    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
+    t, hq, h, D, d, e, n_chunks, C, T_pad, scale,
+    HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr, DEG: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    OP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """DQ [b, t, hq, d] contiguous (Q's dtype)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    blocks_per_chunk = tl.cdiv(C, BQ)
+    c = pid // blocks_per_chunk
+    q_start = (pid % blocks_per_chunk) * BQ
+    b = pid_bh // hq
+    query_head = pid_bh % hq
+    head = query_head // (hq // h)
+
+    local_i = q_start + tl.arange(0, BQ)
+    rows_q = c * C + local_i
+    q_mask = (local_i < C) & (rows_q < t)
+    dims = tl.arange(0, DP)
+    d_mask = dims < d
+    columns = tl.arange(0, EP)
+    e_mask = columns < e
+    q_base = Q + b * sq_b + query_head * sq_h
+    q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
+                mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
+    grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
+    dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :], mask=q_mask[:, None] & e_mask[None, :], other=0.0)
+    delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
+    g_base = G + (b * h + head) * T_pad + c * C
+    if HAS_GATE:
+        g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
+
+    k_base = K + b * sk_b + head * sk_h
+    v_base = V + b * sv_b + head * sv_h
+    dq = tl.zeros((BQ, DP), dtype=tl.float32)
+    dn_op = dn.to(OP)
+    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
+        local_j = k_start + tl.arange(0, BK)
+        rows_k = c * C + local_j
+        k_mask = (local_j < C) & (rows_k < t)
+        k = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
+                    mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
+        v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
+                    mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
+        causal = (local_i[:, None] >= local_j[None, :]) & k_mask[None, :]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        d_weights = tl.dot(dn_op, tl.trans(v), input_precision=PRECISION) + delta[:, None]
+        d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
+        if HAS_GATE:
+            g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
+            d_scores = d_scores * tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
+        d_scores = tl.where(causal, d_scores, 0.0)
+        dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
+
+    first_chunk_with_state = 0 if HAS_STATE else 1
+    if c >= first_chunk_with_state:
+        query_scale = tl.full((BQ,), 1.0, tl.float32) * integer_power(scale, DEG)
+        if HAS_GATE:
+            query_scale = query_scale * tl.exp(g_i)
+        state_offset = ((b * h + head) * n_chunks + c).to(tl.int64) * D
+        for d_start in range(0, D, BD):
+            a = d_start + tl.arange(0, BD)
+            a_mask = a < D
+            S = tl.load(STATES + (state_offset + a[:, None]) * e + columns[None, :],
+                        mask=a_mask[:, None] & e_mask[None, :], other=0.0)
+            z = tl.load(ZS + state_offset + a, mask=a_mask, other=0.0)
+            dphi = tl.dot(dn_op, tl.trans(S.to(OP)), input_precision=PRECISION) + delta[:, None] * z[None, :]
+            dphi = dphi * query_scale[:, None]
+            dq = sympow_vjp(dq, dphi, q_base, rows_q * sq_t, q_mask, sq_d, IDX, W, a, a_mask,
+                            DEG, DP, OP, PRECISION)
+
+    out_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
+    tl.store(DQ + out_rows[:, None] * d + dims[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def key_value_grad_kernel(
+    Q, K, V, G, IDX, W, DSTATES, DZS, DN, DELTA, DK, DV, DGK,
+    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
+    t, hq, h, D, d, e, n_chunks, C, T_pad, scale,
+    HAS_GATE: tl.constexpr, DEG: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    OP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """DK [b, t, h, d], DV [b, t, h, e] contiguous (K's dtype), DGK [b, t, h] fp32.
+    DSTATES[c] holds dS'_{c+1}, the gradient of the state leaving chunk c."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    blocks_per_chunk = tl.cdiv(C, BK)
+    c = pid // blocks_per_chunk
+    k_start = (pid % blocks_per_chunk) * BK
+    b = pid_bh // h
+    head = pid_bh % h
+    group = hq // h
+
+    local_j = k_start + tl.arange(0, BK)
+    rows_k = c * C + local_j
+    k_mask = (local_j < C) & (rows_k < t)
+    dims = tl.arange(0, DP)
+    d_mask = dims < d
+    columns = tl.arange(0, EP)
+    e_mask = columns < e
+    k_base = K + b * sk_b + head * sk_h
+    v_base = V + b * sv_b + head * sv_h
+    k = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
+                mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
+    v_in = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
+                   mask=k_mask[:, None] & e_mask[None, :], other=0.0)
+    v = v_in.to(OP)
+    g_base = G + pid_bh * T_pad + c * C
+    if HAS_GATE:
+        g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
+
+    dk = tl.zeros((BK, DP), dtype=tl.float32)
+    dv = tl.zeros((BK, EP), dtype=tl.float32)
+    d_ones = tl.zeros((BK,), dtype=tl.float32)  # gradient of the ones column of v' (the key-sum path)
+    for r in range(group):
+        query_head = head * group + r
+        q_base = Q + b * sq_b + query_head * sq_h
+        for q_start in range(k_start, C, BQ):
+            local_i = q_start + tl.arange(0, BQ)
+            rows_q = c * C + local_i
+            q_mask = (local_i < C) & (rows_q < t)
+            q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
+                        mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
+            grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
+            dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :],
+                         mask=q_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
+            delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
+            causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
+            if HAS_GATE:
+                g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
+                decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
+            else:
+                decay = tl.where(causal, 1.0, 0.0)
+            weights = integer_power(scores, DEG) * decay
+            d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
+            d_scores = d_weights * DEG * integer_power(scores, DEG - 1) * decay
+            dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
+            d_ones += tl.sum(weights * delta[:, None], axis=0)
+            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
+
+    # The state leaving the chunk: every key of the chunk was written into it.
+    if HAS_GATE:
+        key_decay = tl.exp(tl.load(g_base + C - 1) - g_j)
+    else:
+        key_decay = tl.full((BK,), 1.0, tl.float32)
+    state_offset = (pid_bh * n_chunks + c).to(tl.int64) * D
+    for d_start in range(0, D, BD):
+        a = d_start + tl.arange(0, BD)
+        a_mask = a < D
+        dS = tl.load(DSTATES + (state_offset + a[:, None]) * e + columns[None, :],
+                     mask=a_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
+        dz = tl.load(DZS + state_offset + a, mask=a_mask, other=0.0)
+        phi = sympow_tile(k_base, rows_k * sk_t, k_mask, sk_d, IDX, W, a, a_mask, DEG) * key_decay[:, None]
+        dv += tl.dot(phi.to(OP), dS, input_precision=PRECISION)
+        d_ones += tl.sum(phi * dz[None, :], axis=1)
+        dphi = (tl.dot(v, tl.trans(dS), input_precision=PRECISION) + dz[None, :]) * key_decay[:, None]
+        dk = sympow_vjp(dk, dphi, k_base, rows_k * sk_t, k_mask, sk_d, IDX, W, a, a_mask,
+                        DEG, DP, OP, PRECISION)
+
+    out_rows = (b * t + rows_k).to(tl.int64) * h + head
+    tl.store(DK + out_rows[:, None] * d + dims[None, :], dk.to(DK.dtype.element_ty),
+             mask=k_mask[:, None] & d_mask[None, :])
+    tl.store(DV + out_rows[:, None] * e + columns[None, :], dv.to(DV.dtype.element_ty),
+             mask=k_mask[:, None] & e_mask[None, :])
+    d_gate = tl.sum(v_in.to(tl.float32) * dv, axis=1) + d_ones
+    tl.store(DGK + out_rows, d_gate, mask=k_mask)
