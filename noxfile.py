@@ -13,6 +13,9 @@ import nox
 ROOT = Path(__file__).parent
 PACKAGES = ROOT / "packages"
 LOCAL = [f"{PACKAGES / name}" for name in ("retention-core", "retention-kernels", "retention-train", "retention")]
+RELEASE_TOOLS = ("build>=1.2", "twine>=6", "packaging>=24")
+# What packages/retention/tests need on top: a local index, nox (make -> nox -> tools/release.py), yaml.
+RELEASE_TEST_TOOLS = (*RELEASE_TOOLS, "pypiserver>=2", "nox>=2024.3", "pyyaml>=6")
 
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
@@ -27,7 +30,7 @@ def install_local(session: nox.Session, *extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every package's tests; arguments after `--` go to pytest."""
-    install_local(session, "pytest>=8", "hypothesis>=6.100", "pytest-timeout", "triton>=3.2")
+    install_local(session, "pytest>=8", "hypothesis>=6.100", "pytest-timeout", "triton>=3.2", *RELEASE_TEST_TOOLS)
     session.run("pytest", *session.posargs, env={"NUMBA_CACHE_DIR": str(ROOT / ".nox" / "numba-cache")})
 
 
@@ -36,3 +39,34 @@ def lint(session: nox.Session) -> None:
     """ruff check."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
+
+
+# -- release (issue 7): thin wrappers over tools/release.py and tools/bump.py; `make release-test` calls these --
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Wheels + sdists of every package into dist/, then `twine check`."""
+    session.install(*RELEASE_TOOLS)
+    session.run("python", "tools/release.py", "build", *session.posargs)
+
+
+@nox.session
+def release(session: nox.Session) -> None:
+    """Refuse on a dirty tree or a taken version, build, check, upload: `-- --repository testpypi|pypi`."""
+    session.install(*RELEASE_TOOLS)
+    session.run("python", "tools/release.py", "publish", *session.posargs)
+
+
+@nox.session
+def bump(session: nox.Session) -> None:
+    """`nox -s bump -- X.Y.Z`: every package, sibling pin and __version__ at once (no argument: check)."""
+    session.install("packaging>=24")
+    session.run("python", "tools/bump.py", *session.posargs)
+
+
+@nox.session
+def release_e2e(session: nox.Session) -> None:
+    """The release end-to-end test alone: a local pypiserver, `make release-test` against it, fresh venvs."""
+    install_local(session, "pytest>=8", *RELEASE_TEST_TOOLS)
+    session.run("pytest", "packages/retention/tests/test_release_e2e.py", *session.posargs)
