@@ -19,11 +19,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def plain_error(expected: torch.Tensor, plain: torch.Tensor) -> float:
-    """Error of the same-precision PyTorch computation (inf when it overflowed)."""
+def plain_error(expected: torch.Tensor, plain: torch.Tensor, output_dtype: torch.dtype | None = None) -> float:
+    """Error of the same-precision PyTorch computation (inf when it overflowed), and at least the error of
+    rounding ``expected`` to ``output_dtype`` (no result returned in that dtype can do better)."""
     if not torch.isfinite(plain).all():
         return float("inf")
-    return relative_error(plain, expected)
+    rounding = 0.0 if output_dtype is None else relative_error(expected.to(output_dtype), expected)
+    return max(relative_error(plain, expected), rounding)
 
 
 def assert_close_to_oracle(name: str, actual: torch.Tensor, expected: torch.Tensor, baseline: float,
@@ -79,7 +81,7 @@ def check_against_oracle(run, inputs: dict, *, grads: bool = True, return_final_
     errors = {}
     for name, actual, expected, baseline in zip(names, outputs["mine"], outputs["oracle"], outputs["plain"]):
         errors[name] = relative_error(actual, expected)
-        assert_close_to_oracle(name, actual, expected, plain_error(expected, baseline), factor, floor)
+        assert_close_to_oracle(name, actual, expected, plain_error(expected, baseline, actual.dtype), factor, floor)
     if not grads:
         return errors
 
@@ -95,8 +97,8 @@ def check_against_oracle(run, inputs: dict, *, grads: bool = True, return_final_
         expected = oracle[name].grad
         assert x.grad is not None, f"grad of {name}: the backend returned no gradient"
         errors[f"grad {name}"] = relative_error(x.grad, expected)
-        assert_close_to_oracle(f"grad {name}", x.grad, expected, plain_error(expected, plain[name].grad),
-                               factor, floor)
+        baseline = plain_error(expected, plain[name].grad, x.grad.dtype)
+        assert_close_to_oracle(f"grad {name}", x.grad, expected, baseline, factor, floor)
     return errors
 
 
