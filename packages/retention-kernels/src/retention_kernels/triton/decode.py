@@ -167,8 +167,9 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_d: int | None = None) -> torch.Tensor:
-    """Outputs of the queries at the end of the window, ``Y [b, tq, hq, e]`` in ``Q``'s dtype.
+def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_d: int | None = None):
+    """Outputs of the queries at the end of the window, ``Y [b, tq, hq, e]`` in ``Q``'s dtype; when
+    ``problem.return_final_state`` (the window is full), ``(Y, state, sum_of_keys)`` with the window folded in.
 
     ``problem``: a validated ``retention._validate.Problem`` (``Q [b, tq, hq, d]``, window ``K [b, w, h, d]``,
     ``V [b, w, h, e]``, optional ``state [b, h, D, e]`` and ``sum_of_keys [b, h, D]``). ``G [b, w, h]``: the
@@ -202,6 +203,8 @@ def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_
     )
     if splits > 1:
         _combine_kernel[(rows,)](partial, out, tq, hq, e, *out.stride(), SPLITS=splits, BLOCK_E=block_e)
+    if problem.return_final_state:
+        return (out, *update_state(problem, G))
     return out
 
 
