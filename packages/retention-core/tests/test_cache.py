@@ -200,3 +200,42 @@ def test_decode_graph_replays_static_steps(generator, dtype):
     oracle_Y = oracle({name: x.cpu() for name, x in inputs.items()})
     floor = TIGHT if dtype == torch.float32 else 2e-2
     assert_close_to_oracle("Y", torch.cat(Y_graph, 1).cpu(), oracle_Y, 0.0, floor=floor)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_transformers_cache_adapter(generator, static):
+    transformers = pytest.importorskip("transformers")
+    from retention.hf import PowerRetentionHFCache
+
+    layers = [sequence(generator, b=2, t=14) for _ in range(2)]
+    hf_cache = PowerRetentionHFCache(switch_over_seq_len=WINDOW, backend="reference", static=static)
+    assert isinstance(hf_cache, transformers.Cache) and hf_cache.get_seq_length() == 0
+    direct = [PowerRetentionCache(switch_over_seq_len=WINDOW, backend="reference", static=static) for _ in layers]
+    for start, n in ((0, 5), (5, 1), (6, 1), (7, 3)):
+        for i, inputs in enumerate(layers):
+            part = {name: x[:, start:start + n] for name, x in inputs.items()}
+            Y = hf_cache.retention_step(part["Q"], part["K"], part["V"], part["log_G"], layer_idx=i)
+            assert torch.equal(Y, direct[i].step(part["Q"], part["K"], part["V"], part["log_G"]))
+    assert len(hf_cache) == 2 and hf_cache.get_seq_length() == 10
+    assert hf_cache.get_mask_sizes(1, 0) == (11, 0)
+    assert hf_cache.memory_bytes() == sum(cache.memory_bytes() for cache in direct)
+
+    # Beam search reorders every layer's batch; generate() may also repeat it.
+    hf_cache.reorder_cache(torch.tensor([1, 1]))
+    hf_cache.batch_repeat_interleave(2)
+    for cache in direct:
+        cache.select(torch.tensor([1, 1, 1, 1]))
+    for i, inputs in enumerate(layers):
+        part = {name: x[1:2, 10:11].repeat(4, *([1] * (x.dim() - 1))) for name, x in inputs.items()}
+        Y = hf_cache.retention_step(part["Q"], part["K"], part["V"], part["log_G"], layer_idx=i)
+        torch.testing.assert_close(Y, direct[i].step(part["Q"], part["K"], part["V"], part["log_G"]),
+                                   rtol=0, atol=0)
+
+    with pytest.raises(NotImplementedError, match="retention_step"):
+        hf_cache.update(torch.zeros(1), torch.zeros(1), 0)
+    with pytest.raises(ValueError, match="cannot crop"):
+        hf_cache.crop(-1)
+    with pytest.raises(ValueError, match="layer_idx must be a non-negative int"):
+        hf_cache.retention_step(part["Q"], part["K"], part["V"], part["log_G"], layer_idx=-1)
+    hf_cache.reset()
+    assert hf_cache.get_seq_length() == 0 and hf_cache.layers[0].cache.state is None

@@ -158,3 +158,29 @@ def test_fold_window_in_place():
     assert result[0].data_ptr() == state.data_ptr()
     torch.testing.assert_close(state, expected[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(keys, expected[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_cache_decodes_through_the_triton_op(monkeypatch, static):
+    """The cache with ``attend_window`` (and its fold) as the backend op: prefill, then tokens one by one across
+    several folds, equals the float64 oracle on the whole sequence."""
+    from retention import PowerRetentionCache, inference
+    from retention.backends import Backend
+
+    triton_op = Backend("triton", 100, lambda problem: None, forward=None, attend_window=decode.attend_window)
+    select = inference.select_backend
+
+    def select_triton_for_inference(problem, name="auto", need="forward"):
+        return triton_op if need == "attend_window" else select(problem, "reference", need)
+
+    monkeypatch.setattr(inference, "select_backend", select_triton_for_inference)
+    generator = torch.Generator().manual_seed(11 + static)
+    inputs = random_inputs(b=1, t=13, hq=2, h=1, d=8, generator=generator, device=DEVICE)
+    cache = PowerRetentionCache(switch_over_seq_len=4, static=static)
+    outputs = [cache.step(inputs["Q"][:, :3], inputs["K"][:, :3], inputs["V"][:, :3], inputs["log_G"][:, :3])]
+    for i in range(3, 13):
+        token = {name: x[:, i:i + 1] for name, x in inputs.items()}
+        outputs.append(cache.step(token["Q"], token["K"], token["V"], token["log_G"]))
+    oracle = power_retention_quadratic(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"])
+    assert_close_to_oracle("Y", torch.cat(outputs, dim=1), oracle, 0.0, floor=2e-5)
+    assert cache.window_size == 13 % 4
