@@ -184,3 +184,34 @@ def test_cache_decodes_through_the_triton_op(monkeypatch, static):
     oracle = power_retention_quadratic(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"])
     assert_close_to_oracle("Y", torch.cat(outputs, dim=1), oracle, 0.0, floor=2e-5)
     assert cache.window_size == 13 % 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
+def test_decode_graph_through_the_triton_op(monkeypatch):
+    """The static cache's captured step with the Triton op (and its fold) replays the eager steps exactly and
+    matches the oracle (bf16, tolerance rule against plain bf16 PyTorch)."""
+    from retention import PowerRetentionCache, inference
+    from retention.backends import Backend
+    from retention.inference import DecodeGraph
+
+    triton_op = Backend("triton", 100, lambda problem: None, forward=None, attend_window=decode.attend_window)
+    select = inference.select_backend
+    monkeypatch.setattr(inference, "select_backend", lambda problem, name="auto", need="forward": (
+        triton_op if need == "attend_window" else select(problem, "reference", need)))
+    generator = torch.Generator().manual_seed(5)
+    inputs = random_inputs(b=3, t=41, hq=4, h=2, d=32, dtype=torch.bfloat16, generator=generator, device="cuda")
+    eager, graphed = (PowerRetentionCache(switch_over_seq_len=8, static=True) for _ in range(2))
+    prefill = {name: x[:, :5] for name, x in inputs.items()}
+    outputs = {"eager": [eager.step(**prefill)], "graph": [graphed.step(**prefill)]}
+    token = {name: x[:, 5:6] for name, x in inputs.items()}
+    graph = DecodeGraph(graphed, **token)
+    for i in range(5, 41):
+        token = {name: x[:, i:i + 1] for name, x in inputs.items()}
+        outputs["eager"].append(eager.step(**token))
+        outputs["graph"].append(graph(**token).clone())
+    Y_eager, Y_graph = (torch.cat(outputs[key], dim=1) for key in ("eager", "graph"))
+    assert torch.equal(Y_graph, Y_eager)
+    oracle = power_retention_quadratic(**inputs)
+    plain = power_retention_quadratic(**inputs, dtype=torch.bfloat16)
+    assert_close_to_oracle("Y", Y_graph, oracle, plain_error(oracle, plain), floor=1e-3)

@@ -42,12 +42,16 @@ def _table(d: int, deg: int, device: torch.device) -> tuple[torch.Tensor, torch.
     return index, weight
 
 
+@functools.lru_cache(maxsize=16)
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _default_splits(rows: int, tiles: int, device: torch.device) -> int:
     """Programs per query row: enough to give every SM a few programs, at most one per state tile."""
     if device.type != "cuda":
         return 1
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(4 * processors, rows)))
+    return max(1, min(tiles, triton.cdiv(4 * _processors(device), rows)))
 
 
 @triton.jit
