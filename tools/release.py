@@ -13,6 +13,7 @@ PEP 440 versions: 2.1 and 2.1.0 are the same release). Credentials come only fro
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -54,8 +55,12 @@ def run(*command: str | Path, cwd: Path = ROOT) -> None:
 
 
 def build_pure(distribution: str, dist_dir: Path, root: Path = ROOT) -> None:
-    """Pure-Python wheel + sdist with ``python -m build`` (the wheel is built from the sdist)."""
-    run(sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", dist_dir,
+    """Pure-Python wheel + sdist with ``python -m build`` (the wheel is built from the sdist).
+
+    Each build runs in a fresh isolated environment; uv, where installed, only makes setting those up faster.
+    """
+    installer = ("--installer", "uv") if shutil.which("uv") or importlib.util.find_spec("uv") else ()
+    run(sys.executable, "-m", "build", *installer, "--sdist", "--wheel", "--outdir", dist_dir,
         root / "packages" / DISTRIBUTIONS[distribution])
 
 
