@@ -8,13 +8,17 @@ fp16/bf16/fp32 inputs, fp64 for fp64.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
+
 import numpy as np
 import torch
 
 from ..sympow import sympow_table
 from . import kernels
 
-__all__ = ["PowerRetentionCPU", "kernel_layout"]
+__all__ = ["PowerRetentionCPU", "kernel_layout", "one_blas_thread"]
 
 
 def kernel_layout(Q, K, V, log_G, state, sum_of_keys, chunk: int, dtype: torch.dtype):
@@ -45,6 +49,27 @@ def kernel_layout(Q, K, V, log_G, state, sum_of_keys, chunk: int, dtype: torch.d
     return flat(q), flat(k), flat(v1), flat(log_g), flat(state1)
 
 
+@functools.cache
+def _blas_controller():
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS that numba's np.dot calls)
+
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        warnings.warn("threadpoolctl is not installed: BLAS may start threads inside each numba worker, which "
+                      "makes the cpu backend many times slower (pip install threadpoolctl)", RuntimeWarning,
+                      stacklevel=4)
+        return None
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which BLAS runs single-threaded: the kernels already run one (b, h) pair per core, and BLAS
+    threads started inside numba's OpenMP workers oversubscribe the cores (measured ~50x slower fwd+bwd)."""
+    controller = _blas_controller()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
+
+
 def _table(d: int, deg: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
     index, weight = sympow_table(d, deg)
     return index, weight.astype(np.float64 if dtype == torch.float64 else np.float32)
@@ -68,8 +93,9 @@ class PowerRetentionCPU(torch.autograd.Function):
         y = torch.full((b * h, padded, r, e), float("nan"), dtype=dtype)
         denominator = torch.full((b * h, padded, r), float("nan"), dtype=dtype)
         scalar = weight.dtype.type(scale)
-        kernels.forward_scan(q.numpy(), k.numpy(), v1.numpy(), log_g.numpy(), final.numpy(), index, weight, deg,
-                             scalar, chunk, y.numpy(), denominator.numpy())
+        with one_blas_thread():
+            kernels.forward_scan(q.numpy(), k.numpy(), v1.numpy(), log_g.numpy(), final.numpy(), index, weight,
+                                 deg, scalar, chunk, y.numpy(), denominator.numpy())
 
         ctx.saved = (q, k, v1, log_g, initial, y, denominator)
         ctx.config = (b, t, hq, h, d, e, deg, scale, chunk)
@@ -95,10 +121,11 @@ class PowerRetentionCPU(torch.autograd.Function):
         grad_state1 = grad_state1.reshape(b * h, D, e + 1)
         poison = lambda *shape: torch.full(shape, float("nan"), dtype=dtype)
         dq, dk, dv1, dlog_g = poison(*q.shape), poison(*k.shape), poison(*v1.shape), poison(*log_g.shape)
-        kernels.backward_scan(q.numpy(), k.numpy(), v1.numpy(), log_g.numpy(), initial.numpy(), index, weight, deg,
-                              weight.dtype.type(scale), chunk, y.numpy(), denominator.numpy(),
-                              dy.reshape(b * h, padded, r, e).numpy(), grad_state1.numpy(), dq.numpy(),
-                              dk.numpy(), dv1.numpy(), dlog_g.numpy())
+        with one_blas_thread():
+            kernels.backward_scan(q.numpy(), k.numpy(), v1.numpy(), log_g.numpy(), initial.numpy(), index, weight,
+                                  deg, weight.dtype.type(scale), chunk, y.numpy(), denominator.numpy(),
+                                  dy.reshape(b * h, padded, r, e).numpy(), grad_state1.numpy(), dq.numpy(),
+                                  dk.numpy(), dv1.numpy(), dlog_g.numpy())
 
         Q_dtype, K_dtype, V_dtype, G_dtype, S_dtype, z_dtype = ctx.dtypes
         needs = ctx.needs_input_grad
