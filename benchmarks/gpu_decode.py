@@ -77,6 +77,21 @@ def time_loop(step, count: int) -> float:
     return start.elapsed_time(end) * 1e3 / count
 
 
+def graph_time(function, calls: int = 10) -> float:
+    """GPU microseconds per call of ``function``: ``calls`` calls captured in one CUDA graph, replays timed (no
+    Python launch overhead, which for one small launch can exceed the kernel's own time)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    return time_loop(graph.replay, 20) / calls
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device copy, counting bytes read plus bytes written."""
     n = 1 << 30
@@ -105,7 +120,7 @@ def random_cache(b, h, d, e, W, context, dtype, generator) -> PowerRetentionCach
     return cache
 
 
-def measure_context(b, h, d, e, W, context, dtype, generator, floor_us) -> dict:
+def measure_context(b, h, d, e, W, context, dtype, generator, floor_us, profile=False) -> dict:
     """One row of the table: the static cache's step (eager, graph per token, 16 steps in one graph) and SDPA
     over a KV cache of ``context`` tokens."""
 
@@ -132,6 +147,14 @@ def measure_context(b, h, d, e, W, context, dtype, generator, floor_us) -> dict:
         many.replay()
 
     gpu_us = time_loop(replay_many, 20) / 16
+    if profile:  # where a step's GPU time goes, kernel by kernel (eager steps)
+        cache.window_length.fill_(0)
+        cache._length = 0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            for i in range(10):
+                cache._decode_one(*tokens[i % 8])
+            torch.cuda.synchronize()
+        log(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     k_cache, v_cache = draw(b, h, context, d), draw(b, h, context, e)
     q = draw(b, h, 1, d)
     attend = functools.partial(F.scaled_dot_product_attention, q, k_cache, v_cache)
@@ -190,18 +213,24 @@ def main() -> None:
                               d**-0.5, torch.float64)
     plain = _attend_window(Q, K, V, G, state, keys, deg, d**-0.5, torch.float32)
     kernel_rows = []
-    for block_d in (64, 128):
-        for splits in (1, 2, 4, 8, 17):
-            Y = decode.attend_window(problem, G, splits=splits, block_d=block_d)
-            error = relative_error(Y, expected)
-            run = functools.partial(decode.attend_window, problem, G, splits=splits, block_d=block_d)
-            us = do_bench(run, warmup=20, rep=200, return_mode="median") * 1e3
-            kernel_rows.append({"block_d": block_d, "splits": splits, "us": us, "rel_error": error})
-            log(f"attend_window block_d={block_d:3d} splits={splits:2d}: {us:7.1f} us, error {error:.2e}")
-    default_us = do_bench(lambda: decode.attend_window(problem, G), warmup=20, rep=200, return_mode="median") * 1e3
-    torch_us = do_bench(lambda: _attend_window(Q, K, V, G, state, keys, deg, d**-0.5, torch.float32),
-                        warmup=5, rep=100, return_mode="median") * 1e3
+    for num_warps in (4, 8):
+        for block_d in (64, 128):
+            for splits in (1, 2, 4, 8, 17):
+                run = functools.partial(decode.attend_window, problem, G, splits=splits, block_d=block_d,
+                                        num_warps=num_warps)
+                error = relative_error(run(), expected)
+                us = graph_time(run)
+                kernel_rows.append({"num_warps": num_warps, "block_d": block_d, "splits": splits, "us": us,
+                                    "rel_error": error})
+                log(f"attend_window warps={num_warps} block_d={block_d:3d} splits={splits:2d}: {us:7.1f} us "
+                    f"(GPU, graph-timed), error {error:.2e}")
+    default_us = graph_time(functools.partial(decode.attend_window, problem, G))
+    launch_us = do_bench(functools.partial(decode.attend_window, problem, G), warmup=20, rep=200,
+                         return_mode="median") * 1e3
+    torch_us = graph_time(lambda: _attend_window(Q, K, V, G, state, keys, deg, d**-0.5, torch.float32), calls=2)
+    log(f"attend_window default: GPU {default_us:.1f} us, with Python launch (do_bench) {launch_us:.1f} us")
     results["attend_window"] = {"sweep": kernel_rows, "default_us": default_us, "pytorch_us": torch_us,
+                                "default_with_launch_us": launch_us,
                                 "pytorch_rel_error": relative_error(plain, expected)}
     log(f"attend_window default {default_us:.1f} us (PyTorch path {torch_us:.1f} us)")
 
@@ -209,10 +238,8 @@ def main() -> None:
     new_state, new_keys = decode.fold_window(K, V, G, deg, state, keys)
     oracle_state, _ = update_state(K.double(), V.double(), G.double(), deg, state.double(), keys.double(),
                                    torch.float64)
-    fold_us = do_bench(lambda: decode.fold_window(K, V, G, deg, state, keys), warmup=5, rep=100,
-                       return_mode="median") * 1e3
-    torch_fold_us = do_bench(lambda: update_state(K, V, G, deg, state, keys, torch.float32), warmup=2, rep=50,
-                             return_mode="median") * 1e3
+    fold_us = graph_time(lambda: decode.fold_window(K, V, G, deg, state, keys), calls=2)
+    torch_fold_us = graph_time(lambda: update_state(K, V, G, deg, state, keys, torch.float32), calls=1)
     results["fold"] = {"triton_us": fold_us, "pytorch_us": torch_fold_us,
                        "rel_error": relative_error(new_state, oracle_state)}
     log(f"fold of {W} steps: Triton {fold_us:.1f} us (error {results['fold']['rel_error']:.2e}), "
@@ -222,7 +249,7 @@ def main() -> None:
     # The cache's decode step at each context, and SDPA over a KV cache of that length.
     rows = []
     for context in contexts:
-        row = measure_context(b, h, d, e, W, context, dtype, generator, floor_us)
+        row = measure_context(b, h, d, e, W, context, dtype, generator, floor_us, profile=context == contexts[0])
         torch.cuda.empty_cache()
         rows.append(row)
         log(f"context {context:6d}: eager {row['eager_us']:6.1f} us, graph {row['graph_us']:6.1f} us/token "

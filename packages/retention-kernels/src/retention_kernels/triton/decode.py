@@ -57,7 +57,7 @@ def _default_splits(rows: int, tiles: int, device: torch.device) -> int:
 @triton.jit
 def _attend_window_kernel(
     Q, K, V, G, S, Z, INDEX, WEIGHT, OUT, PARTIAL,
-    tq, w, hq, ratio, D, d, e, scale, scale_power,
+    tq, w, hq, ratio, scale, scale_power,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, sve,
@@ -65,6 +65,7 @@ def _attend_window_kernel(
     ssb, ssh, ssd, sse,
     szb, szh, szd,
     sob, sot, soh, soe,
+    D: tl.constexpr, d: tl.constexpr, e: tl.constexpr,  # compile-time: masks fold away when d, e are powers of 2
     DEG: tl.constexpr, HAS_STATE: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -145,9 +146,9 @@ def _attend_window_kernel(
 
 @triton.jit
 def _combine_kernel(
-    PARTIAL, OUT, tq, hq, e,
+    PARTIAL, OUT, tq, hq,
     sob, sot, soh, soe,
-    SPLITS: tl.constexpr, BLOCK_E: tl.constexpr,
+    e: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     row = tl.program_id(0)
     rows = tl.num_programs(0)
@@ -171,7 +172,8 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_d: int | None = None):
+def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_d: int | None = None,
+                  num_warps: int = 4):
     """Outputs of the queries at the end of the window, ``Y [b, tq, hq, e]`` in ``Q``'s dtype; when
     ``problem.return_final_state`` (the window is full), ``(Y, state, sum_of_keys)`` with the window folded in.
 
@@ -199,14 +201,14 @@ def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_
     # Empty windows still need strides that address memory; K and V are then never read.
     _attend_window_kernel[(rows, splits)](
         Q, K, V, G, state, keys, index, weight, out, partial,
-        tq, w, hq, hq // h, D, d, e, problem.scale, problem.scale**problem.deg,
+        tq, w, hq, hq // h, problem.scale, problem.scale**problem.deg,
         *Q.stride(), *K.stride(), *V.stride(), *G.stride(), *state.stride(), *keys.stride(), *out.stride(),
-        DEG=problem.deg, HAS_STATE=has_state, SPLITS=splits,
+        D=D, d=d, e=e, DEG=problem.deg, HAS_STATE=has_state, SPLITS=splits,
         BLOCK_W=32, BLOCK_D=block_d, BLOCK_DH=_block(d), BLOCK_E=block_e,
-        num_warps=4,
+        num_warps=num_warps,
     )
     if splits > 1:
-        _combine_kernel[(rows,)](partial, out, tq, hq, e, *out.stride(), SPLITS=splits, BLOCK_E=block_e)
+        _combine_kernel[(rows,)](partial, out, tq, hq, *out.stride(), e=e, SPLITS=splits, BLOCK_E=block_e)
     if problem.return_final_state:
         return (out, *update_state(problem, G))
     return out
@@ -215,7 +217,7 @@ def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_
 @triton.jit
 def _fold_kernel(
     K, V, G, S, Z, INDEX, WEIGHT, OUT_S, OUT_Z,
-    w, h, D, d, e,
+    w, h,
     skb, skt, skh, skd,
     svb, svt, svh, sve,
     sgb, sgt, sgh,
@@ -223,6 +225,7 @@ def _fold_kernel(
     szb, szh, szd,
     sob, soh, sod, soe,
     szob, szoh, szod,
+    D: tl.constexpr, e: tl.constexpr,
     DEG: tl.constexpr, HAS_STATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -295,10 +298,10 @@ def fold_window(K, V, G, deg: int, state=None, sum_of_keys=None, *, out_state=No
     block_d, block_w, block_e = 64, 32, _block(e)
     _fold_kernel[(triton.cdiv(D, block_d), b * h)](
         K, V, G, state, sum_of_keys, index, weight, out_state, out_keys,
-        w, h, D, d, e,
+        w, h,
         *K.stride(), *V.stride(), *G.stride(), *state.stride(), *sum_of_keys.stride(),
         *out_state.stride(), *out_keys.stride(),
-        DEG=deg, HAS_STATE=has_state,
+        D=D, e=e, DEG=deg, HAS_STATE=has_state,
         DOT_DTYPE=tl.bfloat16 if low_precision else tl.float32,
         PRECISION="tf32" if low_precision else "ieee",  # unused for bf16 operands
         BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_E=block_e,
