@@ -6,6 +6,7 @@ Shapes stay tiny: the interpreter runs every program in numpy.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import zlib
@@ -14,19 +15,42 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
 
-pytest.importorskip("triton")
+
+@contextlib.contextmanager
+def interpreter():
+    """``TRITON_INTERPRET=1`` on a machine without CUDA, only for as long as needed (the import of triton and
+    these tests): set for the whole run it would make other tests' ``backend="auto"`` pick the (slow)
+    interpreted Triton backend on CPU. Triton must not have been imported without it before this module."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+with interpreter():  # triton decorates its own library functions at import: interpreted ones on CPU
+    pytest.importorskip("triton")
+    from retention_kernels.triton import decode
+
+    if DEVICE == "cpu":
+        decode = importlib.reload(decode)  # decorated again, as interpreted functions, if imported before
 
 from retention._validate import Problem  # noqa: E402
 from retention.reference import power_retention_quadratic, update_state  # noqa: E402
 from retention.sympow import sympow_dim  # noqa: E402
 from retention.testing import assert_close_to_oracle, plain_error, random_inputs  # noqa: E402
-from retention_kernels.triton import decode  # noqa: E402
 
-if DEVICE == "cpu":
-    decode = importlib.reload(decode)  # decorate the kernels again, now as interpreted functions
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreted_kernels():
+    with interpreter():
+        yield
 
 
 def window_case(b=2, w=11, tq=1, hq=4, h=2, d=16, e=None, deg=2, dtype=torch.float32, state=True, gating=True,
