@@ -2,8 +2,8 @@
 
 The state is kept in the minimal public layout of ``retention.sympow`` (feature ``a`` multiplies
 ``x[idx[a, 0]] * ... * x[idx[a, p-1]]`` with weight ``w[a]``), so no conversion is needed at the API boundary.
-A tile of features ``a0 .. a0+BD`` of ``phi(x)`` for a block of rows is built in registers from ``p`` gathered
-loads of the rows (they sit in L1), never written to memory.
+A tile of features ``a0 .. a0+BD`` of ``phi(x)`` for a block of rows is built in registers from the rows' tile
+(``p`` products with one-hot selection matrices on the tensor cores), never written to memory.
 """
 
 from __future__ import annotations
@@ -13,35 +13,41 @@ import triton.language as tl
 
 
 @triton.jit
-def sympow_tile(x_ptr, row_offsets, row_mask, stride_d, IDX, W, a, a_mask, DEG: tl.constexpr):
-    """``phi(x)[rows, a]`` as an fp32 ``[rows, BD]`` tile: ``w[a] * prod_l x[row, idx[a, l]]`` (0 where masked)."""
-    mask = row_mask[:, None] & a_mask[None, :]
+def _select(x, IDX, a, a_mask, l, DEG: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """``x[:, idx[a, l]]`` as fp32 ``[rows, BD]``: a product with a one-hot ``[DP, BD]`` matrix, so the
+    gather runs on the tensor cores and is exact (one non-zero term per output)."""
+    coordinate = tl.load(IDX + a * DEG + l, mask=a_mask, other=-1)
+    one_hot = (tl.arange(0, DP)[:, None] == coordinate[None, :]).to(OP)
+    return tl.dot(x, one_hot, input_precision=PRECISION)
+
+
+@triton.jit
+def sympow_tile(x, IDX, W, a, a_mask, DEG: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """``phi(x)[:, a]`` as an fp32 ``[rows, BD]`` tile, ``w[a] * prod_l x[:, idx[a, l]]``, from a ``[rows, DP]``
+    tile ``x`` (OP dtype) already in registers (0 for masked features)."""
     phi = tl.load(W + a, mask=a_mask, other=0.0)[None, :]
     for l in tl.static_range(DEG):
-        coordinate = tl.load(IDX + a * DEG + l, mask=a_mask, other=0)
-        x = tl.load(x_ptr + row_offsets[:, None] + coordinate[None, :] * stride_d, mask=mask, other=0.0)
-        phi = phi * x.to(tl.float32)
+        phi = phi * _select(x, IDX, a, a_mask, l, DEG, DP, OP, PRECISION)
     return phi
 
 
 @triton.jit
-def sympow_vjp(acc, dphi, x_ptr, row_offsets, row_mask, stride_d, IDX, W, a, a_mask,
+def sympow_vjp(acc, dphi, x, IDX, W, a, a_mask,
                DEG: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + J_phi(x)^T dphi`` for a ``[rows, BD]`` tile ``dphi``; ``acc`` is ``[rows, DP]`` fp32.
 
     ``(J^T u)_m = sum_a u_a w_a sum_{l: idx[a,l]=m} prod_{l' != l} x[idx[a,l']]``: for each factor ``l`` the
     coefficients are scattered onto the coordinates by a product with the one-hot matrix of ``idx[:, l]``.
     """
-    mask = row_mask[:, None] & a_mask[None, :]
     weighted = dphi * tl.load(W + a, mask=a_mask, other=0.0)[None, :]
     columns = tl.arange(0, DP)
     for l in tl.static_range(DEG):
         coefficient = weighted
         for other in tl.static_range(DEG):
             if other != l:
-                coordinate = tl.load(IDX + a * DEG + other, mask=a_mask, other=0)
-                x = tl.load(x_ptr + row_offsets[:, None] + coordinate[None, :] * stride_d, mask=mask, other=0.0)
-                coefficient = coefficient * x.to(tl.float32)
+                coefficient = coefficient * _select(x, IDX, a, a_mask, other, DEG, DP, OP, PRECISION)
         target = tl.load(IDX + a * DEG + l, mask=a_mask, other=-1)
         one_hot = (target[:, None] == columns[None, :]).to(OP)
         acc += tl.dot(coefficient.to(OP), one_hot, input_precision=PRECISION)

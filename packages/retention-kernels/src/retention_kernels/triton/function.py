@@ -25,7 +25,7 @@ from retention.sympow import sympow_dim, sympow_table
 from ._tiles import next_power_of_2
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
-from .state import state_grad_scan_kernel, state_scan_kernel
+from .state import chunk_update_kernel, scan_kernel
 
 __all__ = ["power_retention_triton", "default_chunk_size"]
 
@@ -55,7 +55,6 @@ class _Plan:
     EP: int
     operand: object
     precision: str
-    states_dtype: torch.dtype
     num_warps: int
 
 
@@ -69,12 +68,13 @@ def _plan(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, deg: int, chunk_siz
         C=C, n=n, T_pad=n * C, D=D, BQ=block, BK=block, BD=next_power_of_2(min(D, 64)),
         DP=next_power_of_2(d), EP=next_power_of_2(e),
         operand=_OPERAND[Q.dtype], precision=_PRECISION[Q.dtype],
-        states_dtype=torch.bfloat16 if Q.dtype == torch.bfloat16 else torch.float32,
         num_warps=4,
     )
 
 
 _TABLES: dict = {}
+_SCAN_BLOCK = 1024
+POISON = False  # tests set it: kernel outputs start as NaN
 
 
 def _tables(d: int, deg: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +98,33 @@ def _local_gates(log_G: torch.Tensor | None, plan: _Plan, b: int, h: int, device
     return g.reshape(b, h, plan.n, plan.C).cumsum(-1).reshape(b, h, plan.T_pad).contiguous()
 
 
+def _new(*shape, device, dtype=torch.float32) -> torch.Tensor:
+    """Kernel outputs: NaN-poisoned when ``POISON`` is set (tests), so an element no kernel wrote shows up."""
+    if POISON:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _state_pass(X, V, G, log_G, buffer, key_buffer, plan, index, weight, h, deg, scale, backward):
+    """Fill ``buffer [b, h, n + 1, D, e]`` (and ``key_buffer``) with every chunk's contribution, then scan."""
+    b, t, hx = X.shape[:3]
+    e = buffer.shape[-1]
+    has_gate = log_G is not None
+    G_arg = G if has_gate else key_buffer
+    chunk_update_kernel[(plan.n * triton.cdiv(plan.D, plan.BD), b * h)](
+        X, V, G_arg, index, weight, buffer, key_buffer,
+        *X.stride(), *V.stride(),
+        t, hx, h, plan.D, X.shape[3], e, plan.n, plan.C, plan.T_pad, scale,
+        BACKWARD=backward, HAS_GATE=has_gate, DEG=deg, BT=plan.BK, BD=plan.BD, DP=plan.DP, EP=plan.EP,
+        OP=plan.operand, PRECISION=plan.precision, num_warps=plan.num_warps,
+    )
+    for target, length in ((buffer, plan.D * e), (key_buffer, plan.D)):
+        scan_kernel[(triton.cdiv(length, _SCAN_BLOCK), b * h)](
+            target, G_arg, length, plan.n, plan.C, plan.T_pad,
+            HAS_GATE=has_gate, REVERSE=backward, BLOCK=_SCAN_BLOCK, num_warps=4,
+        )
+
+
 def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_size: int):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
@@ -109,30 +136,24 @@ def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_s
     has_state = state is not None
     D = plan.D
 
-    states = torch.empty(b, h, plan.n, D, e, device=device, dtype=plan.states_dtype)
-    key_states = torch.empty(b, h, plan.n, D, device=device, dtype=torch.float32)
-    final_state = torch.empty(b, h, D, e, device=device, dtype=torch.float32)
-    final_keys = torch.empty(b, h, D, device=device, dtype=torch.float32)
-    S0 = state if has_state else final_state
-    Z0 = sum_of_keys if has_state else final_keys
-    G_arg = G if has_gate else final_keys
-    state_scan_kernel[(triton.cdiv(D, plan.BD), b * h)](
-        K, V, G_arg, index, weight, S0, Z0, states, key_states, final_state, final_keys,
-        *K.stride(), *V.stride(), *S0.stride(), *Z0.stride(),
-        t, h, D, e, plan.n, plan.C, plan.T_pad,
-        HAS_GATE=has_gate, HAS_STATE=has_state, DEG=deg, BT=plan.BK, BD=plan.BD, EP=plan.EP,
-        OP=plan.operand, PRECISION=plan.precision, num_warps=plan.num_warps,
-    )
+    # Slot c: the state entering chunk c (slot 0 the initial state, slot n the final one).
+    states = _new(b, h, plan.n + 1, D, e, device=device)
+    key_states = _new(b, h, plan.n + 1, D, device=device)
+    states[:, :, 0] = state if has_state else 0.0
+    key_states[:, :, 0] = sum_of_keys if has_state else 0.0
+    _state_pass(K, V, G, log_G, states, key_states, plan, index, weight, h, deg, scale, backward=False)
 
-    Y = torch.empty(b, t, hq, e, device=device, dtype=Q.dtype)
-    den = torch.empty(b, t, hq, device=device, dtype=torch.float32)
+    Y = _new(b, t, hq, e, device=device, dtype=Q.dtype)
+    den = _new(b, t, hq, device=device)
     output_kernel[(plan.n * triton.cdiv(plan.C, plan.BQ), b * hq)](
-        Q, K, V, G_arg, index, weight, states, key_states, Y, den,
+        Q, K, V, G if has_gate else den, index, weight, states, key_states, Y, den,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, HAS_STATE=has_state, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,
         DP=plan.DP, EP=plan.EP, OP=plan.operand, PRECISION=plan.precision, num_warps=plan.num_warps,
     )
+    final_state = states[:, :, plan.n].clone()
+    final_keys = key_states[:, :, plan.n].clone()
     return Y, den, final_state, final_keys, states, key_states, G
 
 
@@ -146,45 +167,33 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     has_gate = log_G is not None
     D = plan.D
 
-    # dN' = [dy / den, -(dy . y) / den], 0 where the denominator is exactly 0 (y was set to 0 there).
+    # dN' = [dy / den, -(dy . y) / den]  [b, t, hq, e + 1], 0 where the denominator is exactly 0 (y = 0 there).
     dY32, Y32 = dY.float(), Y.float()
     inverse = torch.where(den == 0, 0.0, 1.0 / torch.where(den == 0, 1.0, den))
-    dn = (dY32 * inverse[..., None]).contiguous()
-    dy_dot_y = (dY32 * Y32).sum(-1)
-    delta = (-dy_dot_y * inverse).contiguous()
+    dN = torch.cat([dY32 * inverse[..., None], (-(dY32 * Y32).sum(-1) * inverse)[..., None]], dim=-1)
 
+    # Slot c: dS'_c, the gradient of the state entering chunk c (slot n: of the final state; slot 0: initial).
+    d_states = _new(b, h, plan.n + 1, D, e, device=device)
+    d_key_states = _new(b, h, plan.n + 1, D, device=device)
     has_final_grad = d_final_state is not None or d_final_keys is not None
-    if has_final_grad:
-        d_final_state = (torch.zeros_like(final_state) if d_final_state is None else d_final_state.float()).contiguous()
-        d_final_keys = (torch.zeros_like(final_keys) if d_final_keys is None else d_final_keys.float()).contiguous()
-    d_states = torch.empty(b, h, plan.n, D, e, device=device, dtype=plan.states_dtype)
-    d_key_states = torch.empty(b, h, plan.n, D, device=device, dtype=torch.float32)
-    d_state0 = torch.empty(b, h, D, e, device=device, dtype=torch.float32)
-    d_keys0 = torch.empty(b, h, D, device=device, dtype=torch.float32)
-    G_arg = G if has_gate else d_keys0
-    state_grad_scan_kernel[(triton.cdiv(D, plan.BD), b * h)](
-        Q, dn, delta, G_arg, index, weight,
-        d_final_state if has_final_grad else d_state0, d_final_keys if has_final_grad else d_keys0,
-        d_states, d_key_states, d_state0, d_keys0,
-        *Q.stride(),
-        t, hq, h, D, e, plan.n, plan.C, plan.T_pad, scale,
-        HAS_GATE=has_gate, HAS_FINAL_GRAD=has_final_grad, DEG=deg, BT=plan.BQ, BD=plan.BD, EP=plan.EP,
-        OP=plan.operand, PRECISION=plan.precision, num_warps=plan.num_warps,
-    )
+    d_states[:, :, plan.n] = 0.0 if d_final_state is None else d_final_state
+    d_key_states[:, :, plan.n] = 0.0 if d_final_keys is None else d_final_keys
+    _state_pass(Q, dN, G, log_G, d_states, d_key_states, plan, index, weight, h, deg, scale, backward=True)
 
-    dQ = torch.empty(b, t, hq, d, device=device, dtype=Q.dtype)
+    G_arg = G if has_gate else den
+    dQ = _new(b, t, hq, d, device=device, dtype=Q.dtype)
     query_grad_kernel[(plan.n * triton.cdiv(plan.C, plan.BQ), b * hq)](
-        Q, K, V, G_arg, index, weight, states, key_states, dn, delta, dQ,
+        Q, K, V, G_arg, index, weight, states, key_states, dN, dQ,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, HAS_STATE=has_state, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,
         DP=plan.DP, EP=plan.EP, OP=plan.operand, PRECISION=plan.precision, num_warps=plan.num_warps,
     )
-    dK = torch.empty(b, t, h, d, device=device, dtype=K.dtype)
-    dV = torch.empty(b, t, h, e, device=device, dtype=V.dtype)
-    dG_keys = torch.empty(b, t, h, device=device, dtype=torch.float32)
+    dK = _new(b, t, h, d, device=device, dtype=K.dtype)
+    dV = _new(b, t, h, e, device=device, dtype=V.dtype)
+    dG_keys = _new(b, t, h, device=device)
     key_value_grad_kernel[(plan.n * triton.cdiv(plan.C, plan.BK), b * h)](
-        Q, K, V, G_arg, index, weight, d_states, d_key_states, dn, delta, dK, dV, dG_keys,
+        Q, K, V, G_arg, index, weight, d_states, d_key_states, dN, dK, dV, dG_keys,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,
@@ -194,12 +203,14 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     d_log_G = None
     if has_gate:
         # Query side dN'_i . N'_i with N'_i = [y_i den_i, den_i]: (dy.y) - (dy.y), zero up to rounding.
-        dG_queries = den * ((dn * Y32).sum(-1) + delta)
+        dG_queries = den * ((dN[..., :e] * Y32).sum(-1) + dN[..., e])
         dG = dG_queries.reshape(b, t, h, hq // h).sum(-1) - dG_keys
         if has_final_grad:
-            dG[:, -1] += (d_final_state * final_state).sum((-2, -1)) + (d_final_keys * final_keys).sum(-1)
-        d_log_G = dG.flip(1).cumsum(1).flip(1)
-    return dQ, dK, dV, d_log_G, d_state0, d_keys0
+            dG[:, -1] += (d_states[:, :, plan.n] * final_state).sum((-2, -1))
+            dG[:, -1] += (d_key_states[:, :, plan.n] * final_keys).sum(-1)
+        # Reverse cumulative sum over time, along the contiguous last axis (a scan over a strided axis is slow).
+        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    return dQ, dK, dV, d_log_G, d_states[:, :, 0].clone(), d_key_states[:, :, 0].clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,7 +236,7 @@ def _(Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size):
     return (
         new(b, t, hq, e), new(b, t, hq, dtype=torch.float32),
         new(b, h, D, e, dtype=torch.float32), new(b, h, D, dtype=torch.float32),
-        new(b, h, plan.n, D, e, dtype=plan.states_dtype), new(b, h, plan.n, D, dtype=torch.float32), G,
+        new(b, h, plan.n + 1, D, e, dtype=torch.float32), new(b, h, plan.n + 1, D, dtype=torch.float32), G,
     )
 
 

@@ -18,14 +18,14 @@ from ._tiles import integer_power, sympow_tile, sympow_vjp
 
 @triton.jit
 def query_grad_kernel(
-    Q, K, V, G, IDX, W, STATES, ZS, DN, DELTA, DQ,
+    Q, K, V, G, IDX, W, STATES, ZS, DN, DQ,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, D, d, e, n_chunks, C, T_pad, scale,
     HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr, DEG: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """DQ [b, t, hq, d] contiguous (Q's dtype)."""
+    """DQ [b, t, hq, d] contiguous (Q's dtype); DN = dN' [b, t, hq, e + 1] fp32; STATES [b, h, n + 1, D, e]."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     blocks_per_chunk = tl.cdiv(C, BQ)
@@ -46,8 +46,9 @@ def query_grad_kernel(
     q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
                 mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
     grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-    dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :], mask=q_mask[:, None] & e_mask[None, :], other=0.0)
-    delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
+    dn = tl.load(DN + grad_rows[:, None] * (e + 1) + columns[None, :], mask=q_mask[:, None] & e_mask[None, :],
+                 other=0.0)
+    delta = tl.load(DN + grad_rows * (e + 1) + e, mask=q_mask, other=0.0)
     g_base = G + (b * h + head) * T_pad + c * C
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
@@ -79,7 +80,7 @@ def query_grad_kernel(
         query_scale = tl.full((BQ,), 1.0, tl.float32) * integer_power(scale, DEG)
         if HAS_GATE:
             query_scale = query_scale * tl.exp(g_i)
-        state_offset = ((b * h + head) * n_chunks + c).to(tl.int64) * D
+        state_offset = ((b * h + head) * (n_chunks + 1) + c).to(tl.int64) * D
         for d_start in range(0, D, BD):
             a = d_start + tl.arange(0, BD)
             a_mask = a < D
@@ -88,8 +89,7 @@ def query_grad_kernel(
             z = tl.load(ZS + state_offset + a, mask=a_mask, other=0.0)
             dphi = tl.dot(dn_op, tl.trans(S.to(OP)), input_precision=PRECISION) + delta[:, None] * z[None, :]
             dphi = dphi * query_scale[:, None]
-            dq = sympow_vjp(dq, dphi, q_base, rows_q * sq_t, q_mask, sq_d, IDX, W, a, a_mask,
-                            DEG, DP, OP, PRECISION)
+            dq = sympow_vjp(dq, dphi, q, IDX, W, a, a_mask, DEG, DP, OP, PRECISION)
 
     out_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
     tl.store(DQ + out_rows[:, None] * d + dims[None, :], dq.to(DQ.dtype.element_ty),
@@ -98,7 +98,7 @@ def query_grad_kernel(
 
 @triton.jit
 def key_value_grad_kernel(
-    Q, K, V, G, IDX, W, DSTATES, DZS, DN, DELTA, DK, DV, DGK,
+    Q, K, V, G, IDX, W, DSTATES, DZS, DN, DK, DV, DGK,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, D, d, e, n_chunks, C, T_pad, scale,
     HAS_GATE: tl.constexpr, DEG: tl.constexpr,
@@ -106,7 +106,7 @@ def key_value_grad_kernel(
     OP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """DK [b, t, h, d], DV [b, t, h, e] contiguous (K's dtype), DGK [b, t, h] fp32.
-    DSTATES[c] holds dS'_{c+1}, the gradient of the state leaving chunk c."""
+    DSTATES [b, h, n + 1, D, e]: slot c + 1 holds dS'_{c+1}, the gradient of the state leaving chunk c."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     blocks_per_chunk = tl.cdiv(C, BK)
@@ -147,9 +147,9 @@ def key_value_grad_kernel(
             q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
                         mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
             grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-            dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :],
+            dn = tl.load(DN + grad_rows[:, None] * (e + 1) + columns[None, :],
                          mask=q_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-            delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
+            delta = tl.load(DN + grad_rows * (e + 1) + e, mask=q_mask, other=0.0)
             causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
             if HAS_GATE:
@@ -169,19 +169,18 @@ def key_value_grad_kernel(
         key_decay = tl.exp(tl.load(g_base + C - 1) - g_j)
     else:
         key_decay = tl.full((BK,), 1.0, tl.float32)
-    state_offset = (pid_bh * n_chunks + c).to(tl.int64) * D
+    state_offset = (pid_bh * (n_chunks + 1) + c + 1).to(tl.int64) * D
     for d_start in range(0, D, BD):
         a = d_start + tl.arange(0, BD)
         a_mask = a < D
         dS = tl.load(DSTATES + (state_offset + a[:, None]) * e + columns[None, :],
                      mask=a_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
         dz = tl.load(DZS + state_offset + a, mask=a_mask, other=0.0)
-        phi = sympow_tile(k_base, rows_k * sk_t, k_mask, sk_d, IDX, W, a, a_mask, DEG) * key_decay[:, None]
+        phi = sympow_tile(k, IDX, W, a, a_mask, DEG, DP, OP, PRECISION) * key_decay[:, None]
         dv += tl.dot(phi.to(OP), dS, input_precision=PRECISION)
         d_ones += tl.sum(phi * dz[None, :], axis=1)
         dphi = (tl.dot(v, tl.trans(dS), input_precision=PRECISION) + dz[None, :]) * key_decay[:, None]
-        dk = sympow_vjp(dk, dphi, k_base, rows_k * sk_t, k_mask, sk_d, IDX, W, a, a_mask,
-                        DEG, DP, OP, PRECISION)
+        dk = sympow_vjp(dk, dphi, k, IDX, W, a, a_mask, DEG, DP, OP, PRECISION)
 
     out_rows = (b * t + rows_k).to(tl.int64) * h + head
     tl.store(DK + out_rows[:, None] * d + dims[None, :], dk.to(DK.dtype.element_ty),

@@ -25,7 +25,7 @@ def output_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Y [b, t, hq, e] (contiguous, Q's dtype), DEN [b, t, hq] fp32."""
+    """Y [b, t, hq, e] (contiguous, Q's dtype), DEN [b, t, hq] fp32; STATES [b, h, n + 1, D, e] fp32."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     blocks_per_chunk = tl.cdiv(C, BQ)
@@ -75,11 +75,11 @@ def output_kernel(
     if c >= first_chunk_with_state:
         inter = tl.zeros((BQ, EP), dtype=tl.float32)
         inter_denominator = tl.zeros((BQ,), dtype=tl.float32)
-        state_offset = ((b * h + head) * n_chunks + c).to(tl.int64) * D
+        state_offset = ((b * h + head) * (n_chunks + 1) + c).to(tl.int64) * D
         for d_start in range(0, D, BD):
             a = d_start + tl.arange(0, BD)
             a_mask = a < D
-            phi = sympow_tile(q_base, rows_q * sq_t, q_mask, sq_d, IDX, W, a, a_mask, DEG)
+            phi = sympow_tile(q, IDX, W, a, a_mask, DEG, DP, OP, PRECISION)
             S = tl.load(STATES + (state_offset + a[:, None]) * e + columns[None, :],
                         mask=a_mask[:, None] & e_mask[None, :], other=0.0)
             z = tl.load(ZS + state_offset + a, mask=a_mask, other=0.0)

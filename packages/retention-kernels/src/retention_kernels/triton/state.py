@@ -1,16 +1,16 @@
-"""The scans across chunks, fused with the state update (forward) and with the query's state gradient
-(backward). One program owns a ``[BD, e]`` tile of the state ``S' = [S, z]`` of one batch and key/value head and
-walks the chunks in order, so the state never leaves registers between chunks.
+"""The state across chunks, in two steps so that the heavy work is parallel over chunks:
 
-Forward, chunk ``c`` (``G`` the cumulative log gate within the chunk, ``G_last`` its last value)::
+1. ``chunk_update_kernel`` (one program per chunk and ``[BD, e]`` state tile, ``phi`` expanded in SRAM)::
 
-    STATES[c] = S'_c
-    S'_{c+1}  = e^{G_last} S'_c + sum_j e^{G_last - G_j} phi(k_j) [v_j, 1]^T
+       forward:  BUF[c + 1] = sum_{j in c} e^{G_last - G_j} phi(k_j) [v_j, 1]^T          (the chunk's contribution)
+       backward: BUF[c]     = s^p sum_{i in c, query heads} e^{G_i} phi(q_i) dN'_i^T     (its query's gradient)
 
-Backward, chunks in reverse (``dN'_i = [dn_i, delta_i]`` the gradient of the un-normalised output)::
+2. ``scan_kernel`` (memory-bound, in place, fp32), with ``decay_c = e^{G_last of chunk c}``::
 
-    DSTATES[c] = dS'_{c+1}
-    dS'_c      = e^{G_last} dS'_{c+1} + s^p sum_{i in c, query heads of the group} e^{G_i} phi(q_i) dN'_i^T
+       forward:  BUF[c + 1] = decay_c BUF[c] + BUF[c + 1]    ->  BUF[c] = S'_c entering chunk c, BUF[n] final
+       backward: BUF[c]     = decay_c BUF[c + 1] + BUF[c]    ->  BUF[c] = dS'_c, BUF[0] the initial state's grad
+
+``BUF`` is ``[b, h, n + 1, D, e]`` (numerators) with a ``[b, h, n + 1, D]`` twin for the sum of keys.
 """
 
 from __future__ import annotations
@@ -22,139 +22,96 @@ from ._tiles import integer_power, sympow_tile
 
 
 @triton.jit
-def state_scan_kernel(
-    K, V, G, IDX, W, S0, Z0, STATES, ZS, S_OUT, Z_OUT,
-    sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
-    ss_b, ss_h, ss_D, ss_e, sz_b, sz_h, sz_D,
-    t, h, D, e, n_chunks, C, T_pad,
-    HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr, DEG: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
+def chunk_update_kernel(
+    X, V, G, IDX, W, BUF, ZBUF,
+    sx_b, sx_t, sx_h, sx_d, sv_b, sv_t, sv_h, sv_e,
+    t, hx, h, D, d, e, n_chunks, C, T_pad, scale,
+    BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr, DEG: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
+    """Forward: X = K [b, t, h, d], V = V [b, t, h, e] (any strides). Backward: X = Q [b, t, hq, d] and
+    V = dN' [b, t, hq, e + 1] fp32 (``[dy / den, -(dy . y) / den]``: its last column is delta)."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    tiles = tl.cdiv(D, BD)
+    c = pid // tiles
+    a = (pid % tiles) * BD + tl.arange(0, BD)
+    a_mask = a < D
     b = pid_bh // h
     head = pid_bh % h
-    a = pid_d * BD + tl.arange(0, BD)
-    a_mask = a < D
+    group = hx // h
     columns = tl.arange(0, EP)
     e_mask = columns < e
-    tile_mask = a_mask[:, None] & e_mask[None, :]
+    dims = tl.arange(0, DP)
+    g_base = G + pid_bh * T_pad + c * C
+    if HAS_GATE:
+        g_last = tl.load(g_base + C - 1)
 
-    if HAS_STATE:
-        S = tl.load(S0 + b * ss_b + head * ss_h + a[:, None] * ss_D + columns[None, :] * ss_e,
-                    mask=tile_mask, other=0.0).to(tl.float32)
-        z = tl.load(Z0 + b * sz_b + head * sz_h + a * sz_D, mask=a_mask, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros((BD, EP), dtype=tl.float32)
-        z = tl.zeros((BD,), dtype=tl.float32)
-
-    k_base = K + b * sk_b + head * sk_h
-    v_base = V + b * sv_b + head * sv_h
-    g_base = G + pid_bh * T_pad
-    states_base = STATES
-    zs_base = ZS
-    for c in range(n_chunks):
-        offset = (pid_bh * n_chunks + c).to(tl.int64) * D
-        tl.store(states_base + (offset + a[:, None]) * e + columns[None, :], S.to(STATES.dtype.element_ty),
-                 mask=tile_mask)
-        tl.store(zs_base + offset + a, z, mask=a_mask)
-        start = c * C
-        if HAS_GATE:
-            g_last = tl.load(g_base + start + C - 1)
-        update = tl.zeros((BD, EP), dtype=tl.float32)
-        key_sum = tl.zeros((BD,), dtype=tl.float32)
+    update = tl.zeros((BD, EP), dtype=tl.float32)
+    key_sum = tl.zeros((BD,), dtype=tl.float32)
+    for r in range(group):
+        x_head = head * group + r
+        x_base = X + b * sx_b + x_head * sx_h
+        v_base = V + b * sv_b + x_head * sv_h
         for js in range(0, C, BT):
             local = js + tl.arange(0, BT)
-            rows = start + local
+            rows = c * C + local
             row_mask = (local < C) & (rows < t)
-            phi = sympow_tile(k_base, rows * sk_t, row_mask, sk_d, IDX, W, a, a_mask, DEG)
+            x = tl.load(x_base + rows[:, None] * sx_t + dims[None, :] * sx_d,
+                        mask=row_mask[:, None] & (dims < d)[None, :], other=0.0).to(OP)
+            phi = sympow_tile(x, IDX, W, a, a_mask, DEG, DP, OP, PRECISION)
             if HAS_GATE:
-                g = tl.load(g_base + rows, mask=local < C, other=0.0)
-                phi = phi * tl.exp(g_last - g)[:, None]
+                g = tl.load(g_base + local, mask=local < C, other=0.0)
+                if BACKWARD:
+                    phi = phi * tl.exp(g)[:, None]
+                else:
+                    phi = phi * tl.exp(g_last - g)[:, None]
             v = tl.load(v_base + rows[:, None] * sv_t + columns[None, :] * sv_e,
                         mask=row_mask[:, None] & e_mask[None, :], other=0.0)
             update += tl.dot(tl.trans(phi.to(OP)), v.to(OP), input_precision=PRECISION)
-            key_sum += tl.sum(phi, axis=0)
-        if HAS_GATE:
-            decay = tl.exp(g_last)
-            S = S * decay + update
-            z = z * decay + key_sum
-        else:
-            S = S + update
-            z = z + key_sum
-
-    out = pid_bh.to(tl.int64) * D
-    tl.store(S_OUT + (out + a[:, None]) * e + columns[None, :], S, mask=tile_mask)
-    tl.store(Z_OUT + out + a, z, mask=a_mask)
+            if BACKWARD:
+                # the ones column of dN' (delta) sits after the e columns of the same row: DN is [.., e + 1]
+                delta = tl.load(v_base + rows * sv_t + e * sv_e, mask=row_mask, other=0.0)
+                key_sum += tl.sum(phi * delta[:, None], axis=0)
+            else:
+                key_sum += tl.sum(phi, axis=0)
+    if BACKWARD:
+        slot = c
+        factor = integer_power(scale, DEG)
+        update = update * factor
+        key_sum = key_sum * factor
+    else:
+        slot = c + 1
+    offset = (pid_bh * (n_chunks + 1) + slot).to(tl.int64) * D
+    tl.store(BUF + (offset + a[:, None]) * e + columns[None, :], update, mask=a_mask[:, None] & e_mask[None, :])
+    tl.store(ZBUF + offset + a, key_sum, mask=a_mask)
 
 
 @triton.jit
-def state_grad_scan_kernel(
-    Q, DN, DELTA, G, IDX, W, DS_FINAL, DZ_FINAL, DSTATES, DZS, DS0, DZ0,
-    sq_b, sq_t, sq_h, sq_d,
-    t, hq, h, D, e, n_chunks, C, T_pad, scale,
-    HAS_GATE: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, DEG: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """DN [b, t, hq, e] and DELTA [b, t, hq] (fp32, contiguous) are dN' = [dy/den, -(dy.y)/den]."""
-    pid_d = tl.program_id(0)
+def scan_kernel(BUF, G, length, n_chunks, C, T_pad, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """In-place scan over the ``n + 1`` slots of ``BUF [b * h, n + 1, length]`` (see the module docstring)."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // h
-    head = pid_bh % h
-    group = hq // h
-    a = pid_d * BD + tl.arange(0, BD)
-    a_mask = a < D
-    columns = tl.arange(0, EP)
-    e_mask = columns < e
-    tile_mask = a_mask[:, None] & e_mask[None, :]
-    out = pid_bh.to(tl.int64) * D
-    if HAS_FINAL_GRAD:
-        dS = tl.load(DS_FINAL + (out + a[:, None]) * e + columns[None, :], mask=tile_mask, other=0.0)
-        dz = tl.load(DZ_FINAL + out + a, mask=a_mask, other=0.0)
-    else:
-        dS = tl.zeros((BD, EP), dtype=tl.float32)
-        dz = tl.zeros((BD,), dtype=tl.float32)
-    query_scale = integer_power(scale, DEG)
-
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < length
+    base = BUF + pid_bh.to(tl.int64) * (n_chunks + 1) * length + offsets
     g_base = G + pid_bh * T_pad
-    states_base = DSTATES
-    zs_base = DZS
+    if REVERSE:
+        carry = tl.load(base + n_chunks * length, mask=mask, other=0.0)
+    else:
+        carry = tl.load(base, mask=mask, other=0.0)
     for step in range(n_chunks):
-        c = n_chunks - 1 - step
-        offset = (pid_bh * n_chunks + c).to(tl.int64) * D
-        tl.store(states_base + (offset + a[:, None]) * e + columns[None, :], dS.to(DSTATES.dtype.element_ty),
-                 mask=tile_mask)
-        tl.store(zs_base + offset + a, dz, mask=a_mask)
-        start = c * C
-        update = tl.zeros((BD, EP), dtype=tl.float32)
-        key_sum = tl.zeros((BD,), dtype=tl.float32)
-        for r in range(group):
-            query_head = head * group + r
-            q_base = Q + b * sq_b + query_head * sq_h
-            for js in range(0, C, BT):
-                local = js + tl.arange(0, BT)
-                rows = start + local
-                row_mask = (local < C) & (rows < t)
-                phi = sympow_tile(q_base, rows * sq_t, row_mask, sq_d, IDX, W, a, a_mask, DEG) * query_scale
-                if HAS_GATE:
-                    g = tl.load(g_base + rows, mask=local < C, other=0.0)
-                    phi = phi * tl.exp(g)[:, None]
-                grad_rows = (b * t + rows).to(tl.int64) * hq + query_head
-                dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :],
-                             mask=row_mask[:, None] & e_mask[None, :], other=0.0)
-                delta = tl.load(DELTA + grad_rows, mask=row_mask, other=0.0)
-                update += tl.dot(tl.trans(phi.to(OP)), dn.to(OP), input_precision=PRECISION)
-                key_sum += tl.sum(phi * delta[:, None], axis=0)
-        if HAS_GATE:
-            decay = tl.exp(tl.load(g_base + start + C - 1))
-            dS = dS * decay + update
-            dz = dz * decay + key_sum
+        if REVERSE:
+            c = n_chunks - 1 - step
+            slot = c
         else:
-            dS = dS + update
-            dz = dz + key_sum
-
-    tl.store(DS0 + (out + a[:, None]) * e + columns[None, :], dS, mask=tile_mask)
-    tl.store(DZ0 + out + a, dz, mask=a_mask)
-
-
-__all__ = ["state_scan_kernel", "state_grad_scan_kernel"]
+            c = step
+            slot = c + 1
+        pointer = base + slot.to(tl.int64) * length
+        value = tl.load(pointer, mask=mask, other=0.0)
+        if HAS_GATE:
+            carry = carry * tl.exp(tl.load(g_base + c * C + C - 1))
+        carry = carry + value
+        tl.store(pointer, carry, mask=mask)

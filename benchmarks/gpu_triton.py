@@ -1,0 +1,303 @@
+"""Triton backend on a GPU: correctness at real sizes (bf16/fp16 vs the float64 oracle, SPEC.md section 5
+tolerance rule) and the SPEC.md section 6 timing protocol against SDPA. One script, one device call:
+
+    PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src python benchmarks/gpu_triton.py \
+        [--quick] [--json results.json]
+
+Prints the checks as they run and a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from retention import power_retention
+from retention.reference import power_retention_chunked, power_retention_quadratic
+from retention.sympow import sympow_dim
+from retention.testing import random_inputs, relative_error
+from retention_kernels.triton import default_chunk_size
+
+FACTOR, FLOOR = 3.0, 1e-4
+NAMES = ("Q", "K", "V", "log_G", "initial_state", "sum_of_keys")
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def run_backend(inputs, deg, chunk_size, cotangents, **kwargs):
+    """Outputs and input gradients of the Triton backend for fixed cotangents (dY, dS, dz)."""
+    Y, S, z = power_retention(**inputs, deg=deg, chunk_size=chunk_size, return_final_state=True,
+                              backend="triton", **kwargs)
+    dY, dS, dz = cotangents
+    leaves = [inputs[n] for n in NAMES if n in inputs]
+    loss = (Y.float() * dY).sum() + (S.float() * dS).sum() + (z.float() * dz).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return [Y, S, z, *grads]
+
+
+def run_reference(fn, inputs, deg, cotangents, cast, **kwargs):
+    # Gates and key sums stay fp32 (their contract dtype) in the low-precision baseline.
+    upcast = {n: x.detach().to(cast if cast == torch.float64 or n in ("Q", "K", "V", "initial_state")
+                              else torch.float32).requires_grad_(True) for n, x in inputs.items()}
+    Y, S, z = fn(**upcast, deg=deg, return_final_state=True, **kwargs)
+    dY, dS, dz = cotangents
+    leaves = [upcast[n] for n in NAMES if n in upcast]
+    loss = (Y * dY.to(Y.dtype)).sum() + (S * dS.to(S.dtype)).sum() + (z * dz.to(z.dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return [Y, S, z, *grads]
+
+
+def labels(inputs):
+    return ["Y", "state", "sum_of_keys", *["d" + n for n in NAMES if n in inputs]]
+
+
+def check(name, inputs, deg, chunk_size=None, oracle="quadratic", baseline_errors=None, results=None):
+    """Backend vs float64 oracle; baseline = the plain quadratic formula in the inputs' dtype (or given)."""
+    t0 = time.time()
+    dtype = inputs["Q"].dtype
+    b, t, hq, d = inputs["Q"].shape
+    h, e = inputs["K"].shape[2], inputs["V"].shape[3]
+    D = sympow_dim(d, deg)
+    dev = inputs["Q"].device
+    cot = (torch.randn(b, t, hq, e, device=dev), torch.randn(b, h, D, e, device=dev) * 1e-3,
+           torch.randn(b, h, D, device=dev) * 1e-3)
+    got = run_backend(inputs, deg, chunk_size, cot)
+    if oracle == "quadratic":
+        ref = run_reference(power_retention_quadratic, inputs, deg, cot, torch.float64)
+    else:  # long sequences: the float64 chunked form (same math, linear memory)
+        ref = run_reference(power_retention_chunked, inputs, deg, cot, torch.float64, chunk_size=1024)
+    if baseline_errors is None:
+        plain = run_reference(power_retention_quadratic, inputs, deg, cot, dtype, dtype=dtype)
+        baseline_errors = [relative_error(p, r) if torch.isfinite(p).all() else float("inf")
+                           for p, r in zip(plain, ref)]
+        del plain
+    ok = True
+    rows = []
+    for label, g, r, base in zip(labels(inputs), got, ref, baseline_errors):
+        finite = bool(torch.isfinite(g).all())
+        err = relative_error(g, r) if finite else float("inf")
+        bound = FACTOR * min(base, 1.0) + FLOOR
+        passed = finite and err <= bound
+        ok &= passed
+        rows.append((label, err, base, passed))
+    status = "PASS" if ok else "FAIL"
+    detail = " ".join(f"{lbl}={err:.2e}/{base:.1e}{'' if p else '!'}" for lbl, err, base, p in rows)
+    log(f"[{status}] {name} ({time.time() - t0:.1f}s): {detail}")
+    if results is not None:
+        results.append({"check": name, "pass": ok, "errors": {lbl: [err, base] for lbl, err, base, _ in rows}})
+    del got, ref
+    torch.cuda.empty_cache()
+    return ok, baseline_errors
+
+
+def correctness(quick, results):
+    dev = "cuda"
+    ok = True
+    for dtype in (torch.bfloat16, torch.float16):
+        tag = str(dtype).replace("torch.", "")
+        # GQA, strong gating, large magnitudes, an initial state, t not a multiple of the chunk.
+        inp = random_inputs(b=2, t=3000, hq=8, h=2, d=64, dtype=dtype, device=dev, gate_strength=8.0,
+                            magnitude=3.0, state=True, deg=2, requires_grad=True)
+        passed, base = check(f"{tag} deg2 d64 t3000 gqa4 strong-gates mag3 state", inp, 2, results=results)
+        ok &= passed
+        inp = random_inputs(b=1, t=2048, hq=2, h=2, d=64, dtype=dtype, device=dev, gating=False,
+                            deg=2, requires_grad=True)
+        ok &= check(f"{tag} deg2 d64 t2048 no-gates chunk=t", inp, 2, chunk_size=2048, results=results)[0]
+        if not quick:
+            for deg, d in ((1, 64), (3, 16), (4, 16)):
+                inp = random_inputs(b=1, t=777, hq=4, h=2, d=d, dtype=dtype, device=dev, state=True, deg=deg,
+                                    requires_grad=True)
+                ok &= check(f"{tag} deg{deg} d{d} t777 state", inp, deg, chunk_size=100, results=results)[0]
+            for d in (16, 32, 128):
+                inp = random_inputs(b=1, t=1500, hq=2, h=1, d=d, dtype=dtype, device=dev, gate_strength=20.0,
+                                    deg=2, requires_grad=True)
+                ok &= check(f"{tag} deg2 d{d} t1500 gates20", inp, 2, results=results)[0]
+        # Long context: 64k without gating (the state grows like t) and with gating; baseline from t=3000.
+        t_long = 16384 if quick else 65536
+        for gating in (False, True):
+            inp = random_inputs(b=1, t=t_long, hq=1, h=1, d=64, dtype=dtype, device=dev, gating=gating,
+                                deg=2, requires_grad=True)
+            ok &= check(f"{tag} deg2 d64 t{t_long} gating={gating}", inp, 2, oracle="chunked",
+                        baseline_errors=base, results=results)[0]
+    # Non-contiguous inputs (a transposed [b, h, t, d] storage), fp32.
+    x = random_inputs(b=1, t=500, hq=4, h=2, d=32, dtype=torch.float32, device=dev, deg=2)
+    inp = {n: v.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) if v.dim() == 4 else
+           v.requires_grad_(True) for n, v in x.items()}
+    ok &= check("fp32 deg2 d32 t500 non-contiguous", inp, 2, chunk_size=64, results=results)[0]
+    return ok
+
+
+def compile_check(results):
+    inp = random_inputs(b=1, t=1000, hq=2, h=2, d=64, dtype=torch.bfloat16, device="cuda", deg=2,
+                        requires_grad=True)
+
+    def f(Q, K, V, log_G):
+        return power_retention(Q, K, V, log_G, backend="triton").float().square().sum()
+
+    from retention_kernels.triton import power_retention_triton
+
+    def g(Q, K, V, log_G):  # the custom ops alone, without the API's Python dispatch
+        return power_retention_triton(Q, K, V, log_G)[0].float().square().sum()
+
+    try:
+        args = [inp["Q"], inp["K"], inp["V"], inp["log_G"]]
+        grads = torch.autograd.grad(torch.compile(g, fullgraph=True)(*args), args)
+        eager = torch.autograd.grad(g(*args), args)
+        err = max(relative_error(a, b) for a, b in zip(grads, eager))
+        log(f"[{'PASS' if err < 1e-3 else 'FAIL'}] torch.compile(fullgraph=True) of the custom ops fwd+bwd, "
+            f"max rel diff vs eager {err:.1e}")
+        results.append({"check": "torch.compile fullgraph (custom ops)", "pass": err < 1e-3, "diff": err})
+    except Exception as error:  # report, keep timing
+        log(f"[FAIL] torch.compile(fullgraph=True) of the custom ops: {type(error).__name__}: {str(error)[:400]}")
+        results.append({"check": "torch.compile fullgraph (custom ops)", "pass": False, "error": str(error)[:400]})
+    try:
+        compiled = torch.compile(f, fullgraph=True)
+        loss = compiled(inp["Q"], inp["K"], inp["V"], inp["log_G"])
+        grads = torch.autograd.grad(loss, [inp["Q"], inp["K"], inp["V"], inp["log_G"]])
+        eager = torch.autograd.grad(f(inp["Q"], inp["K"], inp["V"], inp["log_G"]),
+                                    [inp["Q"], inp["K"], inp["V"], inp["log_G"]])
+        err = max(relative_error(a, b) for a, b in zip(grads, eager))
+        log(f"[{'PASS' if err < 1e-3 else 'FAIL'}] torch.compile(fullgraph=True) fwd+bwd, "
+            f"max rel diff vs eager {err:.1e}")
+        results.append({"check": "torch.compile fullgraph", "pass": err < 1e-3, "diff": err})
+    except Exception as error:  # report, keep timing
+        log(f"[FAIL] torch.compile(fullgraph=True): {type(error).__name__}: {str(error)[:400]}")
+        results.append({"check": "torch.compile fullgraph", "pass": False, "error": str(error)[:400]})
+
+
+def profile(deg=2, t=65536, chunk=None):
+    """Per-kernel CUDA time of one forward+backward (torch.profiler), the largest first."""
+    h, d = 8, 64
+    inp = random_inputs(b=65536 // t, t=t, hq=h, h=h, d=d, dtype=torch.bfloat16, device="cuda", deg=deg,
+                        requires_grad=True)
+    dY = torch.randn_like(inp["Q"])
+    for _ in range(2):
+        power_retention(**inp, deg=deg, chunk_size=chunk, backend="triton").backward(dY)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        power_retention(**inp, deg=deg, chunk_size=chunk, backend="triton").backward(dY)
+        torch.cuda.synchronize()
+    log(f"profile deg={deg} t={t} chunk={chunk}:")
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
+
+
+def matmul_rate():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * 8192**3 / ms * 1e-9  # TFLOP/s
+
+
+def useful_flops(b, t, h, d, e, deg, C):
+    """SPEC section 6: 4 D e per token-head (state update + query) plus the causal intra-chunk block."""
+    D = sympow_dim(d, deg)
+    C = min(C, t)
+    return b * t * h * (4 * D * e + C * (d + e))
+
+
+def timing(deg_list, t_list, chunk_list, rate, rows):
+    h, d = 8, 64
+    tokens = 65536
+    for deg in deg_list:
+        for t in t_list:
+            b = tokens // t
+            inp = random_inputs(b=b, t=t, hq=h, h=h, d=d, dtype=torch.bfloat16, device="cuda", deg=deg,
+                                requires_grad=True)
+            dY = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16)
+            q, k, v = (inp[n].detach().transpose(1, 2).requires_grad_(True) for n in ("Q", "K", "V"))
+            dO = dY.transpose(1, 2)
+
+            def sdpa(q=q, k=k, v=v):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            sdpa_f = do_bench(sdpa, warmup=25, rep=200, return_mode="median")
+            sdpa_fb = do_bench(lambda dO=dO: sdpa().backward(dO), warmup=25, rep=200, return_mode="median",
+                               grad_to_none=[q, k, v])
+            chunks = chunk_list if (deg == 2 and t == 65536) else [None]
+            for C in chunks:
+                args = dict(deg=deg, chunk_size=C, backend="triton")
+                def fwd(inp=inp, args=args):
+                    return power_retention(**inp, **args)
+
+                def fb(inp=inp, args=args, dY=dY):
+                    power_retention(**inp, **args).backward(dY)
+
+                ms_f = do_bench(fwd, warmup=25, rep=200, return_mode="median")
+                ms_fb = do_bench(fb, warmup=25, rep=200, return_mode="median",
+                                 grad_to_none=[inp[n] for n in ("Q", "K", "V", "log_G")])
+                for n in ("Q", "K", "V", "log_G"):
+                    inp[n].grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+                fb()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+                chunk = C or default_chunk_size(t, d, deg)
+                flops = useful_flops(b, t, h, d, d, deg, chunk)
+                frac_f = flops / ms_f * 1e-9 / rate
+                frac_fb = 3 * flops / ms_fb * 1e-9 / rate
+                row = dict(deg=deg, t=t, b=b, chunk=chunk, fwd_ms=ms_f, fwdbwd_ms=ms_fb, sdpa_fwd_ms=sdpa_f,
+                           sdpa_fwdbwd_ms=sdpa_fb, speedup_fwd=sdpa_f / ms_f, speedup_fwdbwd=sdpa_fb / ms_fb,
+                           matmul_frac_fwd=frac_f, matmul_frac_fwdbwd=frac_fb, peak_extra_gib=peak)
+                rows.append(row)
+                log(f"deg={deg} t={t:6d} b={b:3d} C={chunk:5d}: fwd {ms_f:8.3f} ms (sdpa {sdpa_f:8.3f}, "
+                    f"x{sdpa_f / ms_f:5.2f})  fwd+bwd {ms_fb:8.3f} ms (sdpa {sdpa_fb:8.3f}, x{sdpa_fb / ms_fb:5.2f})"
+                    f"  matmul-frac fwd {frac_f:.2f} fb {frac_fb:.2f}  peak+{peak:.2f} GiB")
+            del inp, q, k, v
+            torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--chunks", default="256,512,1024")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    info = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join(["python", *sys.argv]))
+    log(info)
+    results = []
+    t0 = time.time()
+    ok = True
+    if not args.skip_checks:
+        ok = correctness(args.quick, results)
+        compile_check(results)
+        log(f"checks {'all PASS' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
+    if args.profile:
+        for chunk in (256, 1024):
+            profile(chunk=chunk)
+    rate = matmul_rate()
+    log(f"measured bf16 matmul rate: {rate:.0f} TFLOP/s")
+    rows = []
+    chunks = [int(c) for c in args.chunks.split(",")]
+    timing([2, 1], [1024, 4096, 16384, 65536], chunks, rate, rows)
+    log("\n| deg | t | b | C | fwd ms | SDPA fwd | x | fwd+bwd ms | SDPA f+b | x | matmul frac f / fb | peak+GiB |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        log(f"| {r['deg']} | {r['t']} | {r['b']} | {r['chunk']} | {r['fwd_ms']:.3f} | {r['sdpa_fwd_ms']:.3f} | "
+            f"{r['speedup_fwd']:.2f} | {r['fwdbwd_ms']:.3f} | {r['sdpa_fwdbwd_ms']:.3f} | {r['speedup_fwdbwd']:.2f} | "
+            f"{r['matmul_frac_fwd']:.2f} / {r['matmul_frac_fwdbwd']:.2f} | {r['peak_extra_gib']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, matmul_tflops=rate, checks=results, timing=rows), f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
