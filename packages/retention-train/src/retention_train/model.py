@@ -117,7 +117,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, c.n_head, c.head_dim)
         k, v = self.kv_proj(x).view(b, t, 2, c.n_kv_head, c.head_dim).unbind(2)
         q, k = apply_rope(q, positions, c.rope_base), apply_rope(k, positions, c.rope_base)
-        log_G = None if self.gate_proj is None else F.logsigmoid(self.gate_proj(x).float())
+        log_G = None
+        if self.gate_proj is not None:  # gates in fp32 (fp64 for fp64 models), as power_retention expects
+            gate_logits = self.gate_proj(x)
+            log_G = F.logsigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32)))
         return q, k, v, log_G
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, context_parallel=None, cache=None) -> torch.Tensor:
@@ -224,7 +227,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        logits_fp32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the loss in fp32 at least
+        loss = F.cross_entropy(logits_fp32.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if context_parallel is not None:
             loss = context_parallel.finish(loss)
         return logits, loss
