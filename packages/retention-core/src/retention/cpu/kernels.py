@@ -181,7 +181,13 @@ def backward_scan(q, k, v1, log_g, state, index, weight, deg, scale, chunk, y, d
     ``grad_v1 [BH, T, e + 1]`` and ``grad_log_g [BH, T]``. With ``dN'_i = [dy_i, -dy_i.y_i] / N'_i[e]``:
 
         dA_ij = dN'_i.v'_j,  dv'_j = sum_i A_ij dN'_i + e^{G_C - G_j} dS'^T phi(k_j),  dS' <- e^{G_C} dS' + ...
-        dG_i  = dN'_i.N'_i - v'_i.dv'_i (+ <dS'_final, S'_final> at the last step);  dlog_g = reverse cumsum
+
+    The gate of step ``t`` (position ``u`` in its chunk) scales exactly the weights that span it, so its
+    gradient is a sum of those weights times their gradients, with no cancelling terms (the global form
+    ``dN'_i.N'_i - v'_i.dv'_i`` reverse-summed loses the small gradients of strong gates in rounding):
+
+        d log_g_t = sum_{i >= u > j} dA_ij A_ij + sum_{i >= u} dN'_i.(query of S'_c)_i
+                    + e^{G_C} <dS'_{c+1}, S'_c> + sum_{j < u} e^{G_C - G_j} v'_j.(dS'^T phi(k_j))
     """
     pairs, steps, group, d = q.shape
     e = v1.shape[2] - 1
@@ -193,7 +199,7 @@ def backward_scan(q, k, v1, log_g, state, index, weight, deg, scale, chunk, y, d
         phi_q = np.empty((D, rows), dtype=q.dtype)
         phi_k = np.empty((D, chunk), dtype=q.dtype)
 
-        # States entering each chunk (S'_0 .. S'_{n-1}), and the final state for the gate gradient.
+        # States entering each chunk (S'_0 .. S'_{n-1}).
         entering = np.empty((count, D, e + 1), dtype=q.dtype)
         carried = state[bh].copy()
         for c in range(count):
@@ -204,10 +210,6 @@ def backward_scan(q, k, v1, log_g, state, index, weight, deg, scale, chunk, y, d
                                weight, phi_k)
 
         grad_carried = grad_state[bh]  # dS' of the state leaving the current chunk, updated in place
-        grad_gate = grad_log_g[bh]
-        grad_gate[:] = 0
-        grad_gate[steps - 1] = np.sum(grad_carried * carried)
-
         for c in range(count - 1, -1, -1):
             start, stop = c * chunk, (c + 1) * chunk
             G = _chunk_gates(log_g[bh], start, stop)
@@ -217,10 +219,10 @@ def backward_scan(q, k, v1, log_g, state, index, weight, deg, scale, chunk, y, d
             y_c = y[bh, start:stop].reshape((rows, e))
             dy_c = grad_y[bh, start:stop].reshape((rows, e))
             den_c = denominator[bh, start:stop].reshape(rows)
+            grad_gate = np.zeros(chunk, dtype=q.dtype)  # d log_g of the chunk's steps
 
-            # dN'_i, and the query part of the gate gradient dN'_i.N'_i with N'_i = [y_i d_i, d_i].
+            # dN'_i (0 where the denominator is exactly 0: the output row is the constant 0 there).
             grad_out = np.zeros((rows, e + 1), dtype=q.dtype)
-            grad_gate_query = np.zeros(chunk, dtype=q.dtype)
             for row in range(rows):
                 total = den_c[row]
                 if total == 0:
@@ -230,23 +232,22 @@ def backward_scan(q, k, v1, log_g, state, index, weight, deg, scale, chunk, y, d
                     grad_out[row, col] = dy_c[row, col] / total
                     dy_dot_y += dy_c[row, col] * y_c[row, col]
                 grad_out[row, e] = -dy_dot_y / total
-                along = grad_out[row, e] * total
-                for col in range(e):
-                    along += grad_out[row, col] * y_c[row, col] * total
-                grad_gate_query[row // group] += along
 
-            # Intra-chunk block.
+            # Intra-chunk block; the pairs j < u <= i of row i add dA_ij A_ij to the gates u in (j, i].
             dots = np.dot(q_c, k_c.T)  # [R, C]
             grad_weights = np.dot(grad_out, v1_c.T)  # dA [R, C], turned into d(dots) in place
             weights = np.empty_like(dots)
             for row in range(rows):
                 i = row // group
+                spanning = 0.0  # sum_{j < u} dA_ij A_ij for the current gate u
                 for j in range(chunk):
                     if j <= i:
+                        grad_gate[j] += spanning
                         decay = np.exp(G[i] - G[j])
                         scaled = scale * dots[row, j]
                         lower = _power(scaled, deg - 1)
                         weights[row, j] = lower * scaled * decay
+                        spanning += grad_weights[row, j] * weights[row, j]
                         grad_weights[row, j] *= deg * lower * decay * scale
                     else:
                         weights[row, j] = 0
@@ -262,33 +263,41 @@ def backward_scan(q, k, v1, log_g, state, index, weight, deg, scale, chunk, y, d
                 for col in range(e + 1):
                     grad_query[row, col] = coefficient * grad_out[row, col]
             sympow_features(q_c, index, weight, phi_q)
-            sympow_features_vjp(q_c, index, weight, np.dot(entering[c], grad_query.T), dq_c)
+            grad_phi_q = np.dot(entering[c], grad_query.T)  # [D, R]
+            sympow_features_vjp(q_c, index, weight, grad_phi_q, dq_c)
+            queried = np.zeros(rows, dtype=q.dtype)  # dN'_i . (s^p e^{G_i} phi(q_i)^T S'_c)
+            for a in range(D):
+                for row in range(rows):
+                    queried[row] += phi_q[a, row] * grad_phi_q[a, row]
+            later = 0.0  # gates u <= i scale the query of row i
+            for i in range(chunk - 1, -1, -1):
+                for member in range(group):
+                    later += queried[i * group + member]
+                grad_gate[i] += later
             grad_entering = np.dot(phi_q, grad_query)  # [D, e + 1]
 
             # State update: dv'_j += e^{G_C - G_j} dS'^T phi(k_j), dphi(k_j) = e^{G_C - G_j} dS' v'_j.
             sympow_features(k_c, index, weight, phi_k)
             from_state = np.dot(phi_k.T, grad_carried)  # [C, e + 1]
             decayed = np.empty_like(v1_c)
+            earlier = 0.0  # gates u > j scale key j's contribution to the state
             for j in range(chunk):
+                grad_gate[j] += earlier
                 decay = np.exp(last - G[j])
                 for col in range(e + 1):
+                    earlier += decay * v1_c[j, col] * from_state[j, col]
                     dv1_c[j, col] += decay * from_state[j, col]
                     decayed[j, col] = decay * v1_c[j, col]
             sympow_features_vjp(k_c, index, weight, np.dot(grad_carried, decayed.T), dk_c)
             total_decay = np.exp(last)
+            kept = 0.0  # every gate of the chunk scales the entering state: e^{G_C} <dS'_{c+1}, S'_c>
             for a in range(D):
                 for col in range(e + 1):
+                    kept += grad_carried[a, col] * entering[c, a, col]
                     grad_carried[a, col] = total_decay * grad_carried[a, col] + grad_entering[a, col]
 
             grad_q[bh, start:stop] = dq_c.reshape((chunk, group, d))
             grad_k[bh, start:stop] = dk_c
             grad_v1[bh, start:stop] = dv1_c
             for j in range(chunk):
-                along = 0.0
-                for col in range(e + 1):
-                    along += v1_c[j, col] * dv1_c[j, col]
-                grad_gate[start + j] += grad_gate_query[j] - along
-
-        # d log_g_t = sum_{i >= t} dG_i.
-        for step in range(steps - 2, -1, -1):
-            grad_gate[step] += grad_gate[step + 1]
+                grad_log_g[bh, start + j] = grad_gate[j] + total_decay * kept
