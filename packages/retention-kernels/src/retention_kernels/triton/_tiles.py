@@ -13,7 +13,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _select(x, IDX, a, a_mask, l, DEG: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr,
+def select(x, IDX, a, a_mask, l, DEG: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr,
             PRECISION: tl.constexpr):
     """``x[:, idx[a, l]]`` as fp32 ``[rows, BD]``: a product with a one-hot ``[DP, BD]`` matrix, so the
     gather runs on the tensor cores and is exact (one non-zero term per output)."""
@@ -29,7 +29,7 @@ def sympow_tile(x, IDX, W, a, a_mask, DEG: tl.constexpr, DP: tl.constexpr, OP: t
     tile ``x`` (OP dtype) already in registers (0 for masked features)."""
     phi = tl.load(W + a, mask=a_mask, other=0.0)[None, :]
     for l in tl.static_range(DEG):
-        phi = phi * _select(x, IDX, a, a_mask, l, DEG, DP, OP, PRECISION)
+        phi = phi * select(x, IDX, a, a_mask, l, DEG, DP, OP, PRECISION)
     return phi
 
 
@@ -47,7 +47,7 @@ def sympow_vjp(acc, dphi, x, IDX, W, a, a_mask,
         coefficient = weighted
         for other in tl.static_range(DEG):
             if other != l:
-                coefficient = coefficient * _select(x, IDX, a, a_mask, other, DEG, DP, OP, PRECISION)
+                coefficient = coefficient * select(x, IDX, a, a_mask, other, DEG, DP, OP, PRECISION)
         target = tl.load(IDX + a * DEG + l, mask=a_mask, other=-1)
         one_hot = (target[:, None] == columns[None, :]).to(OP)
         acc += tl.dot(coefficient.to(OP), one_hot, input_precision=PRECISION)

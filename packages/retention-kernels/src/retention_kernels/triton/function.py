@@ -39,7 +39,7 @@ def default_chunk_size(t: int, d: int, deg: int) -> int:
     ``2 C d``, so large states want long chunks (and fewer stored states)."""
     if deg == 1:
         return min(t, 128)
-    return min(t, 256)
+    return min(t, 1024)  # measured on an H200 (bf16, d=64): 1024 beats 256 and 512 and stores 4x fewer states
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
             dG[:, -1] += (d_states[:, :, plan.n] * final_state).sum((-2, -1))
             dG[:, -1] += (d_key_states[:, :, plan.n] * final_keys).sum(-1)
         # Reverse cumulative sum over time, along the contiguous last axis (a scan over a strided axis is slow).
-        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
     return dQ, dK, dV, d_log_G, d_states[:, :, 0].clone(), d_key_states[:, :, 0].clone()
 
 

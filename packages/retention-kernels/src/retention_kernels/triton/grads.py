@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tiles import integer_power, sympow_tile, sympow_vjp
+from ._tiles import integer_power, select, sympow_tile, sympow_vjp
 
 
 @triton.jit
@@ -176,11 +176,25 @@ def key_value_grad_kernel(
         dS = tl.load(DSTATES + (state_offset + a[:, None]) * e + columns[None, :],
                      mask=a_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
         dz = tl.load(DZS + state_offset + a, mask=a_mask, other=0.0)
-        phi = sympow_tile(k, IDX, W, a, a_mask, DEG, DP, OP, PRECISION) * key_decay[:, None]
+        dphi = (tl.dot(v, tl.trans(dS), input_precision=PRECISION) + dz[None, :]) * key_decay[:, None]
+        if DEG == 2:
+            # The two selected factors serve both phi(k) and its Jacobian: 2 one-hot products instead of 4.
+            weight = tl.load(W + a, mask=a_mask, other=0.0)[None, :]
+            first = select(k, IDX, a, a_mask, 0, DEG, DP, OP, PRECISION)
+            second = select(k, IDX, a, a_mask, 1, DEG, DP, OP, PRECISION)
+            phi = weight * first * second * key_decay[:, None]
+            weighted = (dphi * weight).to(tl.float32)
+            first_target = tl.load(IDX + a * DEG, mask=a_mask, other=-1)
+            second_target = tl.load(IDX + a * DEG + 1, mask=a_mask, other=-1)
+            dk += tl.dot((weighted * second).to(OP), (first_target[:, None] == dims[None, :]).to(OP),
+                         input_precision=PRECISION)
+            dk += tl.dot((weighted * first).to(OP), (second_target[:, None] == dims[None, :]).to(OP),
+                         input_precision=PRECISION)
+        else:
+            phi = sympow_tile(k, IDX, W, a, a_mask, DEG, DP, OP, PRECISION) * key_decay[:, None]
+            dk = sympow_vjp(dk, dphi, k, IDX, W, a, a_mask, DEG, DP, OP, PRECISION)
         dv += tl.dot(phi.to(OP), dS, input_precision=PRECISION)
         d_ones += tl.sum(phi * dz[None, :], axis=1)
-        dphi = (tl.dot(v, tl.trans(dS), input_precision=PRECISION) + dz[None, :]) * key_decay[:, None]
-        dk = sympow_vjp(dk, dphi, k, IDX, W, a, a_mask, DEG, DP, OP, PRECISION)
 
     out_rows = (b * t + rows_k).to(tl.int64) * h + head
     tl.store(DK + out_rows[:, None] * d + dims[None, :], dk.to(DK.dtype.element_ty),
