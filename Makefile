@@ -39,7 +39,7 @@ tests:
 lint:
 	$(NOX) $(NOXFLAGS) -s lint
 
-# The pip lock of CI (Python 3.11, Linux x86_64, CPU torch 2.13.0), with hashes: see requirements/README.md.
+# The pip lock of CI (CPython 3.11, Linux x86_64, CPU torch 2.13.0), with hashes: see requirements/ci.in.
 lock:
 	uv pip compile requirements/ci.in --output-file requirements/ci-lock.txt --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -182,8 +183,9 @@ def publish(repository_url: str, index_url: str, dist_dir: Path, root: Path = RO
     check_version_is_new(index_url, version)
     files = build_all(dist_dir, root)
     twine_check(files)
-    # --non-interactive: credentials from the environment or keyring only, never a prompt.
-    run(sys.executable, "-m", "twine", "upload", "--non-interactive", "--repository-url", repository_url, *files)
+    # Credentials from the environment or keyring only: no prompt, and no ~/.pypirc (an empty config instead).
+    run(sys.executable, "-m", "twine", "upload", "--non-interactive", "--config-file", os.devnull,
+        "--repository-url", repository_url, *files)
     return files
 
 

@@ -255,11 +255,18 @@ def test_pip_install_retention_from_the_index_in_a_fresh_venv(released, tmp_path
 
 
 def fake_retention_1x_wheel(folder: Path) -> Path:
-    """A retention 1.0.0 wheel of the 1.x layout: the code inside the `retention` distribution itself."""
+    """A retention 1.0.0 wheel of the 1.x layout: the code inside the `retention` distribution itself.
+
+    Its files follow retention 1.0.7 on PyPI: `retention/` (a module `reference.py` where 2.x has a package
+    `reference/`), `power_attention/` and `perf/` beside it.
+    """
     files = {
-        "retention/__init__.py": '__version__ = "1.0.0"\nfrom .sympow import power_retention\n',
-        "retention/sympow.py": "def power_retention(Q, K, V, log_G=None, deg=2):\n    raise NotImplementedError\n",
-        "retention/_legacy_kernels.py": "KERNELS = ()\n",
+        "retention/__init__.py": '__version__ = "1.0.0"\nfrom .reference import power_retention\n',
+        "retention/reference.py": "def power_retention(Q, K, V, log_G=None, deg=2):\n    raise NotImplementedError\n",
+        "retention/triton.py": "KERNELS = ()\n",
+        "retention/_attention/__init__.py": "",
+        "power_attention/__init__.py": "from retention import power_retention as power_full\n",
+        "perf/__init__.py": "",
         "retention-1.0.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: retention\nVersion: 1.0.0\n",
         "retention-1.0.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                             "Tag: py3-none-any\n",
