@@ -153,7 +153,7 @@ def test_memory_bytes_documented():
     run_cache(dynamic, inputs, [9, 1, 1])  # folds 9, keeps 2
     window = b * 2 * h * ((d + e) * 4 + 4)
     assert dynamic.memory_bytes() == PowerRetentionCache.state_bytes(b, h, d, e, 2, torch.float32) + window
-    assert D * e * 2 + D * 4 + W * ((d + e) * 2 + 4) == PowerRetentionCache.static_bytes(1, 1, d, e, 2, W) - 8
+    assert D * e * 2 + D * 4 + W * ((d + e) * 2 + 8) == PowerRetentionCache.static_bytes(1, 1, d, e, 2, W) - 8
 
 
 def test_bad_inputs_raise_clear_errors(generator):

@@ -184,10 +184,16 @@ def test_fold_window_in_place():
     torch.testing.assert_close(keys, expected[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_cache_decodes_through_the_triton_op(monkeypatch, static):
+@pytest.mark.parametrize(
+    "static, splits, gating",
+    [(False, None, True), (True, None, True), (True, 3, False)],
+    ids=["dynamic", "static-fused", "static-fused-splits-ungated"],
+)
+def test_cache_decodes_through_the_triton_op(monkeypatch, static, splits, gating):
     """The cache with ``attend_window`` (and its fold) as the backend op: prefill, then tokens one by one across
-    several folds, equals the float64 oracle on the whole sequence."""
+    several folds, equals the float64 oracle on the whole sequence. A static cache takes the fused
+    ``decode_step`` (append + attend in one launch, the length bumped on the device)."""
+    monkeypatch.setitem(decode.TUNING, "splits", splits)
     from retention import PowerRetentionCache, inference
     from retention.backends import Backend
 
@@ -199,15 +205,18 @@ def test_cache_decodes_through_the_triton_op(monkeypatch, static):
 
     monkeypatch.setattr(inference, "select_backend", select_triton_for_inference)
     generator = torch.Generator().manual_seed(11 + static)
-    inputs = random_inputs(b=1, t=13, hq=2, h=1, d=8, generator=generator, device=DEVICE)
+    inputs = random_inputs(b=1, t=13, hq=2, h=1, d=8, generator=generator, device=DEVICE, gating=gating)
     cache = PowerRetentionCache(switch_over_seq_len=4, static=static)
-    outputs = [cache.step(inputs["Q"][:, :3], inputs["K"][:, :3], inputs["V"][:, :3], inputs["log_G"][:, :3])]
+    outputs = [cache.step(**{name: x[:, :3] for name, x in inputs.items()})]
     for i in range(3, 13):
-        token = {name: x[:, i:i + 1] for name, x in inputs.items()}
-        outputs.append(cache.step(token["Q"], token["K"], token["V"], token["log_G"]))
-    oracle = power_retention_quadratic(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"])
+        outputs.append(cache.step(**{name: x[:, i:i + 1] for name, x in inputs.items()}))
+    oracle = power_retention_quadratic(**inputs)
     assert_close_to_oracle("Y", torch.cat(outputs, dim=1), oracle, 0.0, floor=2e-5)
     assert cache.window_size == 13 % 4
+    if static:  # the device-side length and the buffers agree with the host
+        assert int(cache.window_length) == 1 and torch.equal(cache.window_K[:, :1], inputs["K"][:, 12:])
+        G = inputs["log_G"][:, 12:] if gating else torch.zeros(1, 1, 1, device=DEVICE)
+        torch.testing.assert_close(cache.window_G[:, :1], G)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

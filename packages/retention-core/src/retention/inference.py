@@ -104,19 +104,39 @@ def power_retention_inference(
         )
         return (Y, new_state, new_keys) if fold else (Y, state, keys)
 
-    compute = torch.promote_types(Q.dtype, torch.float32)
-    G = _cumulative_gate(log_G, b, w, h, Q.device, compute)
+    G = _cumulative_gate(log_G, b, w, h, Q.device, problem_dtype(Q))
     problem = Problem(Q, K, V, log_G, state, keys, deg, scale, None, fold)
-    kernel = select_backend(problem, backend, need="attend_window")
+    return _attend(problem, G, select_backend(problem, backend, need="attend_window"))
+
+
+def problem_dtype(x: torch.Tensor) -> torch.dtype:
+    """The compute dtype: fp32, fp64 for fp64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _attend(problem: Problem, G: torch.Tensor, kernel) -> tuple:
+    """``(Y, state, sum_of_keys)`` of a validated window problem: the backend's ``attend_window`` op when there is
+    one (it may fold too), else plain PyTorch; the state is folded when ``problem.return_final_state``."""
+    Q, K, V, state, keys = problem.Q, problem.K, problem.V, problem.state, problem.sum_of_keys
+    compute = problem.compute_dtype
     result = None if kernel is None else kernel.attend_window(problem, G)
     if isinstance(result, tuple):  # the backend folded the window itself
         Y, new_state, new_keys = result
         return Y, new_state.to(Q.dtype), new_keys.to(compute)
-    Y = _attend_window(Q, K, V, G, state, keys, deg, scale, compute) if result is None else result
-    if not fold:
+    Y = _attend_window(Q, K, V, G, state, keys, problem.deg, problem.scale, compute) if result is None else result
+    if not problem.return_final_state:
         return Y, state, keys
-    new_state, new_keys = update_state(K, V, G, deg, state, keys, compute)
+    new_state, new_keys = update_state(K, V, G, problem.deg, state, keys, compute)
     return Y, new_state.to(Q.dtype), new_keys
+
+
+def _decode_step_op(kernel):
+    """A backend's fused static-cache step (append, attend, fold in one launch), when it has one: a
+    ``decode_step`` attribute of the backend or of its ``attend_window`` op. Contract:
+    ``retention_kernels.triton.decode.decode_step``."""
+    if kernel is None:
+        return None
+    return getattr(kernel, "decode_step", None) or getattr(kernel.attend_window, "decode_step", None)
 
 
 def _cumulative_gate(log_G, b, w, h, device, compute) -> torch.Tensor:
@@ -160,12 +180,14 @@ class PowerRetentionCache:
     whatever the context length. ``D = sympow_dim(d, deg)``.
 
     Static mode (``static=True``): the first step allocates fixed buffers (see :meth:`static_bytes`): the
-    window for ``W = switch_over_seq_len`` steps (zero beyond its length), the state (zero before the first
-    fold) and ``window_length``, an int64 ``[1]`` tensor on the device. A one-token step then reads and writes
-    the same memory every time, with no Python-side slicing: the new key is written at the device-side length
-    and the query is placed at the buffer's end, where the zero keys past the length weigh exactly 0 and the
-    zero gates leave its discount unchanged. So one decode step can be captured in a CUDA graph
-    (:class:`DecodeGraph`). The host keeps the same length in ``_length`` (known from the steps taken, never
+    window for ``W = switch_over_seq_len`` steps (zero beyond its length) with its raw and cumulative gates
+    (``window_G``), the state (zero before the first fold) and ``window_length``, an int64 ``[1]`` tensor on
+    the device. A one-token step then reads and writes the same memory every time, with no Python-side
+    slicing, so it can be captured in a CUDA graph (:class:`DecodeGraph`). With a backend whose op has a fused
+    ``decode_step`` (Triton), one kernel reads the length, attends to the buffered keys below it, the new key
+    and the state, and appends the token. Otherwise the new key is written at the device-side length and the
+    query is placed at the buffer's end, where the zero keys past the length weigh exactly 0 and the zero
+    gates leave its discount unchanged. The host keeps the same length in ``_length`` (known from the steps taken, never
     read back from the device) to decide when the window is full and folds. Results equal the dynamic mode's.
 
     Attributes:
@@ -185,6 +207,7 @@ class PowerRetentionCache:
         self.static = static
         self.window_K = self.window_V = self.window_log_G = None
         self.state = self.sum_of_keys = None
+        self.window_G = None  # static mode: the cumulative gates of the window, fp32
         self.window_length = None  # static mode: int64 [1] on the device
         self._length = 0  # static mode: the same length on the host
         self.position = 0
@@ -263,6 +286,7 @@ class PowerRetentionCache:
         self.window_K = K.new_zeros(b, W, h, d)
         self.window_V = V.new_zeros(b, W, h, e)
         self.window_log_G = None if log_G is None else torch.zeros(b, W, h, device=K.device, dtype=compute)
+        self.window_G = torch.zeros(b, W, h, device=K.device, dtype=compute)
         self.state = K.new_zeros(b, h, D, e)
         self.sum_of_keys = torch.zeros(b, h, D, device=K.device, dtype=compute)
         self.window_length = torch.zeros(1, device=K.device, dtype=torch.int64)
@@ -270,19 +294,32 @@ class PowerRetentionCache:
 
     def _decode_one(self, Q, K, V, log_G) -> torch.Tensor:
         """One step of static mode with fixed shapes and addresses (what :class:`DecodeGraph` captures)."""
-        self.window_K.index_copy_(1, self.window_length, K)
-        self.window_V.index_copy_(1, self.window_length, V)
-        if log_G is not None:
-            self.window_log_G.index_copy_(1, self.window_length, log_G.to(self.window_log_G.dtype))
-        self.window_length += 1
+        b, _, h, d = K.shape
+        check_qkv(Q, K, V)
+        log_G = check_log_G(log_G, b, 1, h, Q)
+        scale = check_scale(self.scale, d)
+        W = self.switch_over_seq_len
+        fold = self._length + 1 == W
+        problem = Problem(Q, self.window_K, self.window_V, self.window_log_G, self.state, self.sum_of_keys,
+                          self.deg, scale, None, fold)
+        kernel = select_backend(problem, self.backend, need="attend_window")
+        fused = _decode_step_op(kernel)
+        if fused is not None:  # one launch: append at the device-side length, attend, fold in place
+            Y = fused(Q, K, V, log_G, self.window_K, self.window_V, self.window_log_G, self.window_G,
+                      self.window_length, self.state, self.sum_of_keys, self.deg, scale, fold)
+            state, keys = self.state, self.sum_of_keys
+        else:
+            self.window_K.index_copy_(1, self.window_length, K)
+            self.window_V.index_copy_(1, self.window_length, V)
+            if log_G is not None:
+                self.window_log_G.index_copy_(1, self.window_length, log_G.to(self.window_log_G.dtype))
+            self.window_length += 1
+            # The query at the buffer's end reads exactly the window: past the length, keys (so weights) are 0
+            # and gates are 0 (so the cumulative gate at the end is the one at the length).
+            G = _cumulative_gate(self.window_log_G, b, W, h, Q.device, self.window_G.dtype)
+            self.window_G.copy_(G)
+            Y, state, keys = _attend(problem, G, kernel)
         self._length += 1
-        fold = self._length == self.switch_over_seq_len
-        # The query at the buffer's end reads exactly the window: past the length, keys (so weights) are 0 and
-        # gates are 0 (so the cumulative gate at the end is the one at the length).
-        Y, state, keys = power_retention_inference(
-            Q, self.window_K, self.window_V, self.window_log_G, (self.state, self.sum_of_keys), deg=self.deg,
-            scale=self.scale, switch_over_seq_len=self.switch_over_seq_len if fold else None, backend=self.backend,
-        )
         self.position += 1
         if fold:
             self._reset_window(state, keys)
@@ -290,9 +327,10 @@ class PowerRetentionCache:
 
     def _reset_window(self, state, keys) -> None:
         """After a fold: the new state into the state buffers, the window buffers back to zero."""
-        self.state.copy_(state)
-        self.sum_of_keys.copy_(keys)
-        for buffer in (self.window_K, self.window_V, self.window_log_G):
+        if state is not self.state:
+            self.state.copy_(state)
+            self.sum_of_keys.copy_(keys)
+        for buffer in (self.window_K, self.window_V, self.window_log_G, self.window_G):
             if buffer is not None:
                 buffer.zero_()
         self.window_length.zero_()
@@ -308,6 +346,7 @@ class PowerRetentionCache:
         self.window_V[:, :n].copy_(V)
         if log_G is not None:
             self.window_log_G[:, :n].copy_(log_G)
+            self.window_G[:, :n].copy_(_cumulative_gate(log_G, *log_G.shape, log_G.device, self.window_G.dtype))
         self.window_length.fill_(n)
         self._length = n
 
@@ -316,7 +355,7 @@ class PowerRetentionCache:
     def _tensors(self) -> dict:
         names = ("window_K", "window_V", "window_log_G", "state", "sum_of_keys")
         if self.static:
-            names = (*names, "window_length")
+            names = (*names, "window_G", "window_length")
         return {name: getattr(self, name) for name in names}
 
     def _map(self, function) -> PowerRetentionCache:
@@ -344,7 +383,7 @@ class PowerRetentionCache:
     def to(self, device=None, dtype: torch.dtype | None = None) -> PowerRetentionCache:
         """Move to ``device``; ``dtype`` converts the window and state (gates and sum of keys stay fp32)."""
         def move(name, x):
-            keep = name in ("window_log_G", "sum_of_keys", "window_length") or dtype is None
+            keep = name in ("window_log_G", "window_G", "sum_of_keys", "window_length") or dtype is None
             return x.to(device=device, dtype=None if keep else dtype)
 
         return self._map(move)
@@ -364,6 +403,7 @@ class PowerRetentionCache:
         self.static = state.get("static", False)
         for name in ("window_K", "window_V", "window_log_G", "state", "sum_of_keys"):
             setattr(self, name, state[name])
+        self.window_G = state.get("window_G") if self.static else None
         if self.static:
             self._length = state["window_length"] if self.window_K is not None else 0
             self.window_length = None
@@ -405,10 +445,12 @@ class PowerRetentionCache:
     def static_bytes(batch: int, heads: int, head_dim: int, value_dim: int, deg: int, switch_over_seq_len: int,
                      dtype=torch.bfloat16, gating: bool = True) -> int:
         """Bytes of a static cache per layer, whatever the context length: the state (:meth:`state_bytes`)
-        plus window buffers of ``W = switch_over_seq_len`` steps, ``b * W * h * ((d + e) * itemsize + 4 if
-        gating)``, plus the 8-byte length. E.g. bf16, h=8, d=e=64, deg=2, W=512: 2.2 MB + 1.1 MB per sequence."""
+        plus window buffers of ``W = switch_over_seq_len`` steps, ``b * W * h * ((d + e) * itemsize + 4 + 4 if
+        gating)`` (keys, values, cumulative gates, raw gates), plus the 8-byte length. E.g. bf16, h=8,
+        d=e=64, deg=2, W=512: 2.09 MiB + 1.03 MiB per sequence."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        window = batch * switch_over_seq_len * heads * ((head_dim + value_dim) * itemsize + (4 if gating else 0))
+        gates = 8 if gating else 4
+        window = batch * switch_over_seq_len * heads * ((head_dim + value_dim) * itemsize + gates)
         return PowerRetentionCache.state_bytes(batch, heads, head_dim, value_dim, deg, dtype) + window + 8
 
 
@@ -472,10 +514,6 @@ class DecodeGraph:
 
     def __call__(self, Q, K, V, log_G=None) -> torch.Tensor:
         """One decode step: ``Y [b, 1, hq, e]`` (graph-owned memory, see the class docstring)."""
-        cache = self.cache
-        if self._buffer_addresses() != self._addresses:
-            raise ValueError("the cache's buffers moved since the capture (to(), load or select with a new batch "
-                             "size): capture a new DecodeGraph")
         for name, static, x in zip(("Q", "K", "V", "log_G"), self.inputs, (Q, K, V, log_G)):
             if (static is None) != (x is None):
                 raise ValueError(f"{name} must be given exactly when it was at capture ({'no ' * (static is None)}"
@@ -484,6 +522,15 @@ class DecodeGraph:
                 if x.shape != static.shape or x.dtype != static.dtype or x.device != static.device:
                     raise ValueError(f"{name} must match the captured {describe(static)}, got {describe(x)}")
                 static.copy_(x)
+        return self.replay()
+
+    def replay(self) -> torch.Tensor:
+        """One decode step on the inputs already written into ``self.inputs`` ``[Q, K, V, log_G]`` (no copies:
+        a model can write its projections there directly)."""
+        cache = self.cache
+        if self._buffer_addresses() != self._addresses:
+            raise ValueError("the cache's buffers moved since the capture (to(), load or select with a new batch "
+                             "size): capture a new DecodeGraph")
         fold = cache._length + 1 == cache.switch_over_seq_len
         self.graphs[fold].replay()
         cache._length = 0 if fold else cache._length + 1

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from retention.sympow import sympow_indices, sympow_weights
 
-__all__ = ["attend_window", "fold_window", "update_state"]
+__all__ = ["attend_window", "decode_step", "fold_window", "update_state", "TUNING"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -56,7 +56,7 @@ def _default_splits(rows: int, tiles: int, device: torch.device) -> int:
 
 @triton.jit
 def _attend_window_kernel(
-    Q, K, V, G, S, Z, INDEX, WEIGHT, OUT, PARTIAL,
+    Q, K, V, G, S, Z, INDEX, WEIGHT, OUT, PARTIAL, NEW_K, NEW_V, NEW_LOG_G, RAW_G, LENGTH,
     tq, w, hq, ratio, scale, scale_power,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
@@ -65,8 +65,13 @@ def _attend_window_kernel(
     ssb, ssh, ssd, sse,
     szb, szh, szd,
     sob, sot, soh, soe,
+    snkb, snkh, snkd,
+    snvb, snvh, snve,
+    sngb, sngh,
+    srgb, srgt, srgh,
     D: tl.constexpr, d: tl.constexpr, e: tl.constexpr,  # compile-time: masks fold away when d, e are powers of 2
-    DEG: tl.constexpr, HAS_STATE: tl.constexpr, SPLITS: tl.constexpr,
+    DEG: tl.constexpr, HAS_STATE: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    APPEND: tl.constexpr, GATED: tl.constexpr, HAS_RAW: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     row = tl.program_id(0)  # (batch, query, query head), query head fastest
@@ -75,26 +80,36 @@ def _attend_window_kernel(
     query = (row // hq) % tq
     batch = row // (hq * tq)
     kv_head = head // ratio
-    position = w - tq + query  # window position of this query; -1 when there is no window
 
     offs_dh = tl.arange(0, BLOCK_DH)
     offs_e = tl.arange(0, BLOCK_E)
     q_base = Q + batch * sqb + query * sqt + head * sqh
     q = tl.load(q_base + offs_dh * sqd, mask=offs_dh < d, other=0.0).to(tl.float32)
-    # G_m = 0 with no window (then nothing decays the state).
-    G_m = tl.load(G + batch * sgb + tl.maximum(position, 0) * sgt + kv_head * sgh, mask=w > 0, other=0.0)
+    g_base = G + batch * sgb + kv_head * sgh
+    if APPEND:
+        # One query per row; the new key sits at the device-side length L, after the L keys of the buffer.
+        n_keys = tl.load(LENGTH).to(tl.int32)
+        G_before = tl.where(n_keys > 0, tl.load(g_base + tl.maximum(n_keys - 1, 0) * sgt), 0.0)
+        g_new = 0.0
+        if GATED:
+            g_new = tl.load(NEW_LOG_G + batch * sngb + kv_head * sngh)
+        G_m = G_before + g_new
+    else:
+        position = w - tq + query  # window position of this query; -1 when there is no window
+        n_keys = position + 1
+        # G_m = 0 with no window (then nothing decays the state).
+        G_m = tl.load(g_base + tl.maximum(position, 0) * sgt, mask=w > 0, other=0.0)
 
     # Accumulate elementwise and reduce once at the end: no cross-thread reduction inside the loops.
     numerator = tl.zeros([BLOCK_W, BLOCK_E], dtype=tl.float32)
     denominator = tl.zeros([BLOCK_W], dtype=tl.float32)
 
-    # The window: keys 0..position, causal, each decayed by e^{G_m - G_j}.
+    # The window: keys 0..n_keys-1, each decayed by e^{G_m - G_j}; rows past n_keys are never read.
     k_base = K + batch * skb + kv_head * skh
     v_base = V + batch * svb + kv_head * svh
-    g_base = G + batch * sgb + kv_head * sgh
-    for block in range(split, tl.cdiv(position + 1, BLOCK_W), SPLITS):
+    for block in tl.range(split, tl.cdiv(n_keys, BLOCK_W), SPLITS, num_stages=STAGES):
         offs_j = block * BLOCK_W + tl.arange(0, BLOCK_W)
-        visible = offs_j <= position
+        visible = offs_j < n_keys
         k = tl.load(k_base + offs_j[:, None] * skt + offs_dh[None, :] * skd,
                     mask=visible[:, None] & (offs_dh[None, :] < d), other=0.0).to(tl.float32)
         score = tl.sum(k * q[None, :], axis=1) * scale
@@ -110,13 +125,35 @@ def _attend_window_kernel(
     numerator = tl.sum(numerator, axis=0)
     denominator = tl.sum(denominator, axis=0)
 
+    if APPEND:
+        # The new key (weight (s <q, k>)^p, no decay), counted by the first split; one program per key/value
+        # head writes it (and its gates) into the buffers at L. Every other read is of rows below L: no race.
+        k_new = tl.load(NEW_K + batch * snkb + kv_head * snkh + offs_dh * snkd, mask=offs_dh < d, other=0.0)
+        v_new = tl.load(NEW_V + batch * snvb + kv_head * snvh + offs_e * snve, mask=offs_e < e, other=0.0)
+        score = tl.sum(k_new.to(tl.float32) * q, axis=0) * scale
+        power = score
+        for _ in tl.static_range(DEG - 1):
+            power = power * score
+        power = tl.where(split == 0, power, 0.0)
+        numerator += power * v_new.to(tl.float32)
+        denominator += power
+        # Masks as one comparison each against a limit that is 0 for the programs that do not write.
+        writer = (split + head % ratio) == 0
+        single = tl.arange(0, 1)  # one-element blocks: masked scalar stores
+        tl.store(k_base + n_keys * skt + offs_dh * skd, k_new, mask=offs_dh < tl.where(writer, d, 0))
+        tl.store(v_base + n_keys * svt + offs_e * sve, v_new, mask=offs_e < tl.where(writer, e, 0))
+        tl.store(g_base + n_keys * sgt + single, G_m + tl.zeros([1], tl.float32), mask=single < tl.where(writer, 1, 0))
+        if HAS_RAW:
+            tl.store(RAW_G + batch * srgb + n_keys * srgt + kv_head * srgh + single,
+                     g_new + tl.zeros([1], tl.float32), mask=single < tl.where(writer, 1, 0))
+
     # The state: phi(q)^T [S, z], phi(q) built tile by tile from the sympow table, scaled once at the end.
     if HAS_STATE:
         state_numerator = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
         state_denominator = tl.zeros([BLOCK_D], dtype=tl.float32)
         s_base = S + batch * ssb + kv_head * ssh
         z_base = Z + batch * szb + kv_head * szh
-        for tile in range(split, tl.cdiv(D, BLOCK_D), SPLITS):
+        for tile in tl.range(split, tl.cdiv(D, BLOCK_D), SPLITS, num_stages=STAGES):
             offs_a = tile * BLOCK_D + tl.arange(0, BLOCK_D)
             inside = offs_a < D
             phi = tl.load(WEIGHT + offs_a, mask=inside, other=0.0)
@@ -146,11 +183,14 @@ def _attend_window_kernel(
 
 @triton.jit
 def _combine_kernel(
-    PARTIAL, OUT, tq, hq,
+    PARTIAL, OUT, LENGTH, tq, hq,
     sob, sot, soh, soe,
-    e: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr,
+    e: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BUMP_LENGTH: tl.constexpr,
 ):
     row = tl.program_id(0)
+    if BUMP_LENGTH:  # after the attend kernel (stream order): every program there has read the old length
+        if row == 0:
+            tl.store(LENGTH, tl.load(LENGTH) + 1)
     rows = tl.num_programs(0)
     head = row % hq
     query = (row // hq) % tq
@@ -172,46 +212,97 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def attend_window(problem, G: torch.Tensor, *, splits: int | None = None, block_d: int | None = None,
-                  num_warps: int = 4):
-    """Outputs of the queries at the end of the window, ``Y [b, tq, hq, e]`` in ``Q``'s dtype; when
-    ``problem.return_final_state`` (the window is full), ``(Y, state, sum_of_keys)`` with the window folded in.
+# Launch choices for the decode kernel; None picks per device. ``stages`` > 1 asks Triton to software-pipeline
+# the loads of the window and state loops. Measured choices: benchmarks/results/gpu_decode.md.
+TUNING = {"splits": None, "block_d": None, "num_warps": 4, "stages": 1}
 
-    ``problem``: a validated ``retention._validate.Problem`` (``Q [b, tq, hq, d]``, window ``K [b, w, h, d]``,
-    ``V [b, w, h, e]``, optional ``state [b, h, D, e]`` and ``sum_of_keys [b, h, D]``). ``G [b, w, h]``: the
-    window's cumulative log gate (fp32). ``splits`` (programs per query row) and ``block_d`` (state tile rows)
-    default to a choice for the device.
+
+def _launch_attend(Q, K, V, G, state, keys, deg, scale, *, append=None, splits=None, block_d=None,
+                   num_warps=None, stages=None):
+    """Run the attend kernel (and the combine kernel when the rows are split); returns ``Y``.
+
+    ``append = (K_new, V_new, log_G_new or None, raw_log_G_buffer or None, length)``: decode mode (see
+    :func:`decode_step`); ``K``, ``V``, ``G`` are then the window buffers.
     """
-    Q, K, V, state, keys = problem.Q, problem.K, problem.V, problem.state, problem.sum_of_keys
-    b, tq, hq, h, d, e = problem.shape
-    w = K.shape[1]
-    index, weight = _table(d, problem.deg, Q.device)
+    b, tq, hq, d = Q.shape
+    w, h, e = K.shape[1], K.shape[2], V.shape[-1]
+    index, weight = _table(d, deg, Q.device)
     D = index.shape[0]
     block_e = _block(e)
-    if block_d is None:
-        block_d = max(16, min(128, 8192 // block_e))
+    block_d = block_d or TUNING["block_d"] or max(16, min(128, 8192 // block_e))
     rows = b * tq * hq
-    splits = splits or _default_splits(rows, triton.cdiv(D, block_d), Q.device)
+    splits = splits or TUNING["splits"] or _default_splits(rows, triton.cdiv(D, block_d), Q.device)
+    num_warps = num_warps or TUNING["num_warps"]
+    stages = stages or TUNING["stages"]
     G = G.float() if G.numel() else torch.zeros(b, 1, h, device=Q.device)  # a valid pointer when w == 0
     has_state = state is not None
     if not has_state:  # unused pointers
         state, keys = G.new_zeros(1, 1, 1, 1), G.new_zeros(1, 1, 1)
     out = torch.full((b, tq, hq, e), float("nan"), device=Q.device, dtype=Q.dtype)
     partial = out if splits == 1 else torch.empty(splits, rows, block_e + 1, device=Q.device, dtype=torch.float32)
-    # Empty windows still need strides that address memory; K and V are then never read.
+    if append is None:
+        new_K, new_V, new_log_G, raw, length = K, V, G, G, G  # unused pointers
+    else:
+        new_K, new_V, new_log_G, raw, length = append
+    gated, has_raw = new_log_G is not None, raw is not None
+    new_log_G = G if new_log_G is None else new_log_G
+    raw = G if raw is None else raw
     _attend_window_kernel[(rows, splits)](
-        Q, K, V, G, state, keys, index, weight, out, partial,
-        tq, w, hq, hq // h, problem.scale, problem.scale**problem.deg,
+        Q, K, V, G, state, keys, index, weight, out, partial, new_K, new_V, new_log_G, raw, length,
+        tq, w, hq, hq // h, scale, scale**deg,
         *Q.stride(), *K.stride(), *V.stride(), *G.stride(), *state.stride(), *keys.stride(), *out.stride(),
-        D=D, d=d, e=e, DEG=problem.deg, HAS_STATE=has_state, SPLITS=splits,
+        new_K.stride(0), new_K.stride(-2), new_K.stride(-1), new_V.stride(0), new_V.stride(-2), new_V.stride(-1),
+        new_log_G.stride(0), new_log_G.stride(-1), *raw.stride()[:3],
+        D=D, d=d, e=e, DEG=deg, HAS_STATE=has_state, SPLITS=splits, STAGES=stages,
+        APPEND=append is not None, GATED=gated, HAS_RAW=has_raw,
         BLOCK_W=32, BLOCK_D=block_d, BLOCK_DH=_block(d), BLOCK_E=block_e,
         num_warps=num_warps,
     )
+    bump = append is not None and splits > 1
     if splits > 1:
-        _combine_kernel[(rows,)](partial, out, tq, hq, *out.stride(), e=e, SPLITS=splits, BLOCK_E=block_e)
+        _combine_kernel[(rows,)](partial, out, length if bump else out, tq, hq, *out.stride(), e=e, SPLITS=splits,
+                                 BLOCK_E=block_e, BUMP_LENGTH=bump)
+    elif append is not None:
+        length.add_(1)
+    return out
+
+
+def attend_window(problem, G: torch.Tensor, **tuning):
+    """Outputs of the queries at the end of the window, ``Y [b, tq, hq, e]`` in ``Q``'s dtype; when
+    ``problem.return_final_state`` (the window is full), ``(Y, state, sum_of_keys)`` with the window folded in.
+
+    ``problem``: a validated ``retention._validate.Problem`` (``Q [b, tq, hq, d]``, window ``K [b, w, h, d]``,
+    ``V [b, w, h, e]``, optional ``state [b, h, D, e]`` and ``sum_of_keys [b, h, D]``). ``G [b, w, h]``: the
+    window's cumulative log gate (fp32). ``tuning``: ``splits``, ``block_d``, ``num_warps``, ``stages`` (see
+    ``TUNING``).
+    """
+    out = _launch_attend(problem.Q, problem.K, problem.V, G, problem.state, problem.sum_of_keys, problem.deg,
+                         problem.scale, **tuning)
     if problem.return_final_state:
         return (out, *update_state(problem, G))
     return out
+
+
+def decode_step(Q, K, V, log_G, window_K, window_V, window_log_G, window_G, window_length, state, sum_of_keys,
+                deg: int, scale: float, fold: bool) -> torch.Tensor:
+    """One token of a static cache in one fused launch: append, attend, (fold). Fixed shapes and addresses.
+
+    Q ``[b, 1, hq, d]``, K ``[b, 1, h, d]``, V ``[b, 1, h, e]``, log_G ``[b, 1, h]`` or None: the new token.
+    Buffers: window_K ``[b, W, h, d]``, window_V ``[b, W, h, e]``, window_log_G ``[b, W, h]`` (raw gates, or
+    None), window_G ``[b, W, h]`` fp32 (cumulative gates), window_length int64 ``[1]`` (``L``, on the device),
+    state ``[b, h, D, e]``, sum_of_keys ``[b, h, D]``. The kernel reads ``L``, attends the query to the ``L``
+    buffered keys, the new key and the state, writes the new key, value and gates at row ``L``, and
+    ``L`` becomes ``L + 1``. With ``fold`` (the window is then full) the window is folded into ``state`` and
+    ``sum_of_keys`` in place; the caller empties the buffers. Returns ``Y [b, 1, hq, e]``.
+    """
+    Y = _launch_attend(Q, window_K, window_V, window_G, state, sum_of_keys, deg, scale,
+                       append=(K, V, log_G, window_log_G, window_length))
+    if fold:
+        fold_window(window_K, window_V, window_G, deg, state, sum_of_keys, out_state=state, out_keys=sum_of_keys)
+    return Y
+
+
+attend_window.decode_step = decode_step  # found by retention.inference through the backend's attend_window
 
 
 @triton.jit
