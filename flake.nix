@@ -74,7 +74,7 @@
             (python.withPackages (ps: [
               torch numpy numba scipy tqdm matplotlib hatchling
               ps.pytest ps.hypothesis ps.pytest-timeout ps.pyyaml
-              ps.nox ps.build ps.twine ps.packaging ps.pypiserver
+              ps.nox ps.build ps.twine ps.packaging ps.pypiserver ps.editables
               ps.mkdocs-material
             ] ++ triton))
             pkgs.ruff
@@ -82,15 +82,16 @@
             pkgs.gnumake
             pkgs.git
           ];
-          # The local packages come from the working tree, editable, as with pip elsewhere.
+          # The local packages come from the working tree, editable, as with pip elsewhere; the venv lies in
+          # .nox/ (git-ignored, so `make release` still sees a clean tree).
           shellHook = ''
             export PIP_DISABLE_PIP_VERSION_CHECK=1
-            if [ ! -d .venv-nix ]; then
-              python -m venv --system-site-packages .venv-nix
-              .venv-nix/bin/pip install --quiet --no-deps --no-build-isolation \
+            if [ ! -d .nox/nix-devshell ]; then
+              python -m venv --system-site-packages .nox/nix-devshell
+              .nox/nix-devshell/bin/pip install --quiet --no-deps --no-build-isolation \
                 -e packages/retention-core -e packages/retention-kernels -e packages/retention-train
             fi
-            source .venv-nix/bin/activate
+            source .nox/nix-devshell/bin/activate
           '';
         };
       });
