@@ -65,7 +65,7 @@ def query_grad_kernel(
                     mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
         v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
                     mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & k_mask[None, :]
+        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         d_weights = tl.dot(dn_op, tl.trans(v), input_precision=PRECISION) + delta[:, None]
         d_scores = d_weights * DEG * integer_power(scores, DEG - 1)

@@ -61,7 +61,7 @@ def output_kernel(
                     mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
         v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
                     mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & k_mask[None, :]
+        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
         weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
         if HAS_GATE:
             g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)

@@ -1,0 +1,132 @@
+"""The Triton training path (forward + backward) against the float64 oracle, SPEC.md section 5 tolerance rule.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (see conftest.py) on small fp32 shapes; every kernel
+output starts as NaN (``function.POISON``), so an element no kernel wrote fails the finiteness check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import retention_kernels
+from retention import power_retention
+from retention._validate import validate
+from retention.reference import power_retention_quadratic
+from retention.testing import assert_close_to_oracle, plain_error, random_inputs
+from retention_kernels.triton import function
+
+NAMES = ("Q", "K", "V", "log_G", "initial_state", "sum_of_keys")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(function, "POISON", True)
+
+
+def outputs_and_grads(run, inputs, cotangents):
+    Y, S, z = run(inputs)
+    leaves = [inputs[n] for n in NAMES if n in inputs]
+    loss = sum((out.double() * cot).sum() for out, cot in zip((Y, S, z), cotangents))
+    return [Y, S, z, *torch.autograd.grad(loss, leaves)]
+
+
+def check_against_oracle(inputs, deg, chunk_size, device):
+    inputs = {n: x.to(device).detach().requires_grad_(True) for n, x in inputs.items()}
+    b, t, hq, d = inputs["Q"].shape
+    h, e = inputs["K"].shape[2], inputs["V"].shape[3]
+    D = function.sympow_dim(d, deg)
+    cot = (torch.randn(b, t, hq, e, dtype=torch.float64), torch.randn(b, h, D, e, dtype=torch.float64),
+           torch.randn(b, h, D, dtype=torch.float64))
+    cot = [c.to(device) for c in cot]
+
+    def backend(x):
+        return power_retention(**x, deg=deg, chunk_size=chunk_size, return_final_state=True, backend="triton")
+
+    def oracle(x, dtype=torch.float64):
+        return power_retention_quadratic(**x, deg=deg, return_final_state=True, dtype=dtype)
+
+    got = outputs_and_grads(backend, inputs, cot)
+    upcast = {n: x.detach().double().requires_grad_(True) for n, x in inputs.items()}
+    ref = outputs_and_grads(oracle, upcast, cot)
+    plain_inputs = {n: x.detach().float().requires_grad_(True) for n, x in inputs.items()}
+    plain = outputs_and_grads(lambda x: oracle(x, torch.float32), plain_inputs, cot)
+    labels = ["Y", "state", "sum_of_keys", *["d" + n for n in NAMES if n in inputs]]
+    for label, g, r, p in zip(labels, got, ref, plain):
+        assert_close_to_oracle(label, g.cpu(), r.cpu(), plain_error(r.cpu(), p.cpu()), factor=3.0, floor=1e-5)
+
+
+CASES = {
+    # name: (random_inputs kwargs, deg, chunk_size)
+    "deg2-gqa-gates-state-chunk16": (dict(b=2, t=37, hq=4, h=2, d=16, state=True), 2, 16),
+    "deg2-quadratic-chunk=t": (dict(b=1, t=24, hq=2, h=2, d=16, gating=False), 2, 24),
+    "deg2-auto-chunk-strong-gates": (dict(b=1, t=40, hq=2, h=1, d=32, gate_strength=20.0), 2, None),
+    "deg1-no-gates-chunk8": (dict(b=1, t=29, hq=2, h=1, d=16, gating=False, state=True, deg=1), 1, 8),
+    "deg3-state-chunk7": (dict(b=1, t=23, hq=2, h=1, d=8, state=True, deg=3), 3, 7),
+    "deg4-chunk16": (dict(b=1, t=20, hq=1, h=1, d=8, state=True, deg=4), 4, 16),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_oracle_forward_and_backward(case, interpreter):
+    kwargs, deg, chunk_size = CASES[case]
+    inputs = random_inputs(dtype=torch.float32, **kwargs)
+    if deg % 2:  # odd deg: signed weights; q.k > 0 keeps the denominators away from 0
+        inputs["Q"], inputs["K"] = inputs["Q"].abs(), inputs["K"].abs()
+    check_against_oracle(inputs, deg, chunk_size, interpreter)
+
+
+def test_non_contiguous_inputs(interpreter):
+    inputs = random_inputs(b=1, t=21, hq=2, h=1, d=16, dtype=torch.float32, state=True)
+    for name in ("Q", "K", "V"):  # [b, h, t, d] storage seen through a transpose
+        inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    inputs["log_G"] = inputs["log_G"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not inputs["Q"].is_contiguous()
+    check_against_oracle(inputs, 2, 8, interpreter)
+
+
+def test_chunk_sizes_agree(interpreter):
+    inputs = random_inputs(b=1, t=19, hq=2, h=1, d=16, dtype=torch.float32, device=interpreter)
+    oracle = power_retention_quadratic(**inputs)
+    baseline = plain_error(oracle, power_retention_quadratic(**inputs, dtype=torch.float32))
+    for chunk_size in (1, 5, 16, 19):
+        Y = power_retention(**inputs, chunk_size=chunk_size, backend="triton")
+        assert_close_to_oracle(f"Y chunk_size={chunk_size}", Y.cpu(), oracle.cpu(), baseline, floor=1e-5)
+
+
+def test_states_entering_every_chunk(interpreter):
+    """The state scan on its own: slot c of the forward's state buffer is the state after c chunks."""
+    inputs = random_inputs(b=1, t=30, hq=1, h=1, d=16, dtype=torch.float32, device=interpreter, state=True)
+    C = 8
+    out = function._forward(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["initial_state"],
+                            inputs["sum_of_keys"], 2, 0.25, C)
+    states, key_states = out[4], out[5]
+    assert states.shape[2] == 5  # n + 1 slots for n = 4 chunks
+    for c in range(5):
+        end = min(c * C, 30)
+        prefix = {n: (x[:, :end] if n in ("Q", "K", "V", "log_G") else x) for n, x in inputs.items()}
+        if end == 0:
+            expected_S, expected_z = inputs["initial_state"].double(), inputs["sum_of_keys"].double()
+        else:
+            _, expected_S, expected_z = power_retention_quadratic(**prefix, return_final_state=True)
+        assert_close_to_oracle(f"state slot {c}", states[:, :, c].cpu(), expected_S.cpu(), 1e-6)
+        assert_close_to_oracle(f"sum of keys slot {c}", key_states[:, :, c].cpu(), expected_z.cpu(), 1e-6)
+
+
+def test_supports_names_the_reason(monkeypatch):
+    (triton_backend,) = retention_kernels.backends()
+    assert triton_backend.name == "triton"
+    inputs = random_inputs(b=1, t=4, hq=1, h=1, d=8)
+    problem = validate(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], None, None, 2, None, None, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        assert "CUDA" in triton_backend.supports(problem)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.supports(problem) is None
+    wide = validate(inputs["Q"], inputs["K"], inputs["V"], None, None, None, 5, None, None, False)
+    assert "deg" in triton_backend.supports(wide)
+    double = {n: x.double() for n, x in inputs.items()}
+    problem64 = validate(double["Q"], double["K"], double["V"], None, None, None, 2, None, None, False)
+    assert "float64" in triton_backend.supports(problem64)
