@@ -35,8 +35,23 @@ def _triton_forward(problem):
     )
 
 
+def _triton_attend_window(problem, G):
+    from .triton.decode import attend_window
+
+    return attend_window(problem, G)
+
+
+def _triton_decode_step(*args):
+    from .triton.decode import decode_step
+
+    return decode_step(*args)
+
+
+_triton_attend_window.decode_step = _triton_decode_step  # the static cache's fused step (retention.inference)
+
+
 def backends() -> list:
     """The backends this package provides (``retention.backends.Backend`` objects)."""
     from retention.backends import Backend
 
-    return [Backend("triton", 20, _triton_supports, _triton_forward)]
+    return [Backend("triton", 20, _triton_supports, _triton_forward, attend_window=_triton_attend_window)]
