@@ -186,10 +186,25 @@ def test_zero_query_rows_give_zero(generator):
 
 def test_default_chunk_size_equals_quadratic(generator):
     """chunk_size=None picks a chunk (at most t) and gives the oracle's result for t on both sides of it."""
-    for t in (7, default_chunk_size(10**6) + 9):
-        assert default_chunk_size(t) <= t
+    for t in (7, default_chunk_size(10**6, sympow_dim(4, 2)) + 9):
+        assert default_chunk_size(t, sympow_dim(4, 2)) <= t
         inputs = random_inputs(b=1, t=t, hq=1, h=1, d=4, generator=generator)
         check_against_oracle(run_cpu, inputs, return_final_state=True, generator=generator)
+
+
+def test_default_chunk_size_bounds_the_feature_scratch():
+    assert default_chunk_size(10**6, sympow_dim(64, 2)) == 128
+    assert default_chunk_size(10**6, sympow_dim(64, 4)) == 32  # D = 766480
+    assert default_chunk_size(10, sympow_dim(64, 4)) == 10
+
+
+def test_double_backward_is_refused(generator):
+    inputs = random_inputs(b=1, t=6, hq=1, h=1, d=4, generator=generator, requires_grad=True)
+    cotangent = torch.randn(1, 6, 1, 4, generator=generator, requires_grad=True)
+    Y = run_cpu(**inputs, chunk_size=4)
+    (grad_Q,) = torch.autograd.grad((Y * cotangent).sum(), inputs["Q"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_Q.sum().backward()
 
 
 def test_outputs_overwrite_the_poison():

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..sympow import sympow_table
 from . import kernels
@@ -105,6 +106,7 @@ class PowerRetentionCPU(torch.autograd.Function):
         return Y, final[..., :e].contiguous(), final[..., e].contiguous()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_Y, grad_state, grad_keys):
         q, k, v1, log_g, initial, y, denominator = ctx.saved
         b, t, hq, h, d, e, deg, scale, chunk = ctx.config
