@@ -27,9 +27,9 @@ def problem_of(device="cpu", dtype=torch.float32):
 @pytest.fixture
 def fresh_discovery():
     """Kernel discovery is cached per process: clear it around a test that fakes ``retention_kernels``."""
-    dispatch._kernel_backends.cache_clear()
+    dispatch.reset_discovery()
     yield
-    dispatch._kernel_backends.cache_clear()
+    dispatch.reset_discovery()
 
 
 def recording_backend(name: str, priority: int, calls: list, supports=lambda problem: None, attend_window=None):
@@ -48,7 +48,7 @@ def fake_kernels(monkeypatch, version: str, provided: list) -> None:
     module.__version__ = version
     module.backends = lambda: provided
     monkeypatch.setitem(sys.modules, "retention_kernels", module)
-    dispatch._kernel_backends.cache_clear()
+    dispatch.reset_discovery()
 
 
 def test_core_backends_are_always_available():
@@ -126,7 +126,7 @@ def test_kernel_version_mismatch_is_refused_with_a_warning(monkeypatch, fresh_di
 
 def test_kernels_not_installed(monkeypatch, fresh_discovery):
     monkeypatch.setitem(sys.modules, "retention_kernels", None)  # makes the import raise ImportError
-    dispatch._kernel_backends.cache_clear()
+    dispatch.reset_discovery()
     assert set(available_backends()) == {"cpu", "reference"}
     with pytest.raises(ValueError, match=r"backend='cuda' is not available: retention-kernels is not installed"):
         power_retention(**random_inputs(b=1, t=4, hq=1, h=1, d=4), backend="cuda")

@@ -10,7 +10,6 @@ discovered when that package is installed at the same version.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import warnings
@@ -51,10 +50,13 @@ def _reference_forward(problem: Problem):
     )
 
 
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
 def _cpu_supports(problem: Problem) -> str | None:
     if problem.device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, got device {problem.device}"
-    if importlib.util.find_spec("numba") is None:
+    if not _HAVE_NUMBA:
         return "the cpu backend needs numba (pip install numba)"
     return None
 
@@ -71,9 +73,10 @@ _CORE_BACKENDS = (
 )
 
 
-@functools.cache
-def _kernel_backends() -> tuple[tuple[Backend, ...], str | None]:
-    """Backends of ``retention_kernels`` and, when there are none, why."""
+_discovered: tuple[tuple[Backend, ...], str | None] | None = None
+
+
+def _discover_kernels() -> tuple[tuple[Backend, ...], str | None]:
     try:
         kernels = importlib.import_module("retention_kernels")
     except ImportError as error:
@@ -84,9 +87,24 @@ def _kernel_backends() -> tuple[tuple[Backend, ...], str | None]:
             f"retention-kernels {version} does not match retention-core {__version__}; "
             f"pip install retention-kernels=={__version__}"
         )
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
         return (), message
     return tuple(kernels.backends()), None
+
+
+def _kernel_backends() -> tuple[tuple[Backend, ...], str | None]:
+    """Backends of ``retention_kernels`` and, when there are none, why. Discovered once (at ``import
+    retention``), so that dispatch under ``torch.compile`` only reads a module global."""
+    global _discovered
+    if _discovered is None:
+        _discovered = _discover_kernels()
+    return _discovered
+
+
+def reset_discovery() -> None:
+    """Forget the discovered kernel backends (tests; after installing retention-kernels in a live process)."""
+    global _discovered
+    _discovered = None
 
 
 def available_backends() -> dict[str, Backend]:

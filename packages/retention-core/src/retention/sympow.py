@@ -54,13 +54,16 @@ def sympow_table(d: int, deg: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
-@functools.lru_cache(maxsize=64)
+_device_tables: dict = {}
+
+
 def _device_table(d: int, deg: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    index, weight = sympow_table(d, deg)
-    return (
-        torch.from_numpy(index.copy()).to(device),
-        torch.from_numpy(weight.copy()).to(device),
-    )
+    # A plain dict (not lru_cache) so that torch.compile traces a lookup, not the table construction.
+    key = (d, deg, device)
+    if key not in _device_tables:
+        index, weight = sympow_table(d, deg)
+        _device_tables[key] = (torch.from_numpy(index.copy()).to(device), torch.from_numpy(weight.copy()).to(device))
+    return _device_tables[key]
 
 
 def sympow_indices(d: int, deg: int, device: torch.device | str = "cpu") -> torch.Tensor:
