@@ -65,6 +65,16 @@ def test_multi_token_steps_with_gating(generator, static):
     assert_close_to_oracle("Y", Y, oracle(inputs), 0.0, floor=TIGHT)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_fp64_decode_keeps_fp64_gates(generator, static):
+    """fp64 inputs decode to fp64 precision: the window's gates are not rounded to fp32 on the way."""
+    inputs = sequence(generator, t=21, dtype=torch.float64)
+    cache = PowerRetentionCache(switch_over_seq_len=WINDOW, backend="reference", static=static)
+    Y = run_cache(cache, inputs, [10] + [1] * 11)
+    assert cache.window_log_G.dtype == torch.float64
+    assert_close_to_oracle("Y", Y, oracle(inputs), 0.0, floor=1e-12)
+
+
 def test_static_equals_dynamic_without_gating(generator):
     inputs = sequence(generator, t=30, gating=False, hq=2, h=2, e=12)
     steps = [4] + [1] * 26

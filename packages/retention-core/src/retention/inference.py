@@ -242,7 +242,7 @@ class PowerRetentionCache:
         if window_K is not None:
             K = torch.cat([window_K, K], dim=1)
             V = torch.cat([window_V, V], dim=1)
-            log_G = None if log_G is None else torch.cat([window_log_G, log_G.to(window_log_G.dtype)], dim=1)
+            log_G = None if log_G is None else torch.cat([window_log_G, log_G.to(problem_dtype(K))], dim=1)
         Y, state, keys = power_retention_inference(
             Q, K, V, log_G, None if self.state is None else (self.state, self.sum_of_keys), deg=self.deg,
             scale=self.scale, switch_over_seq_len=self.switch_over_seq_len, backend=self.backend,
@@ -255,9 +255,12 @@ class PowerRetentionCache:
             self.state, self.sum_of_keys = state, keys
             self.window_K = K[:, :0]
             self.window_V = V[:, :0]
-            self.window_log_G = None if log_G is None else log_G[:, :0]
+            self.window_log_G = None if log_G is None else log_G[:, :0].to(problem_dtype(K))
         else:
-            self.window_K, self.window_V, self.window_log_G = K, V, None if log_G is None else log_G.float()
+            # Gates in the compute dtype: fp32, fp64 for fp64 inputs (rounding them to fp32 would cost fp64 models
+            # their precision).
+            self.window_K, self.window_V = K, V
+            self.window_log_G = None if log_G is None else log_G.to(problem_dtype(K))
         return Y
 
     def _check_step(self, K, V, log_G) -> None:
