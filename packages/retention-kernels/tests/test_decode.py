@@ -248,3 +248,27 @@ def test_decode_graph_through_the_triton_op(monkeypatch):
     oracle = power_retention_quadratic(**inputs)
     plain = power_retention_quadratic(**inputs, dtype=torch.bfloat16)
     assert_close_to_oracle("Y", Y_graph, oracle, plain_error(oracle, plain), floor=1e-3)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_cache_round_trips_between_backends(static):
+    """A cache filled on the CPU (reference backend) goes on with the Triton backend (on the GPU, or the
+    interpreter) and comes back: every backend reads the same state layout and window buffers."""
+    from retention import PowerRetentionCache
+
+    generator = torch.Generator().manual_seed(21 + static)
+    inputs = random_inputs(b=2, t=20, hq=2, h=1, d=8, generator=generator)
+    cache = PowerRetentionCache(switch_over_seq_len=4, static=static, backend="reference")
+
+    def step(start, stop, device):
+        return cache.step(**{name: x[:, start:stop].to(device) for name, x in inputs.items()}).cpu()
+
+    outputs = [step(0, 3, "cpu")] + [step(i, i + 1, "cpu") for i in range(3, 6)]
+    cache.to(DEVICE)
+    cache.backend = "triton"
+    outputs += [step(i, i + 1, DEVICE) for i in range(6, 15)]
+    cache.to("cpu")
+    cache.backend = "reference"
+    outputs += [step(i, i + 1, "cpu") for i in range(15, 20)]
+    oracle = power_retention_quadratic(**inputs)
+    assert_close_to_oracle("Y", torch.cat(outputs, dim=1), oracle, 0.0, floor=2e-5)
