@@ -3,7 +3,9 @@
 A backend is a name, a priority, a ``supports(problem)`` check (None when it can run the problem, else the
 reason it cannot), a differentiable ``forward(problem) -> (Y, state, sum_of_keys)`` and, optionally, an
 ``attend_window(problem, G) -> Y`` for inference (queries at the end of a window plus the state before it,
-``G`` the window's cumulative log gate in fp32; see ``retention.inference``). ``"auto"`` picks the
+``G`` the window's cumulative log gate in fp32; it may fold the window too and then returns
+``(Y, state, sum_of_keys)``) and an optional fused ``decode_step`` for the static cache (contract:
+``retention_kernels.triton.decode.decode_step``); see ``retention.inference``. ``"auto"`` picks the
 highest-priority backend that supports the problem. Backends in ``retention_kernels`` (Triton, CUDA) are
 discovered when that package is installed at the same version.
 """
@@ -33,6 +35,7 @@ class Backend:
     supports: Callable[[Problem], str | None]
     forward: Callable[[Problem], tuple]
     attend_window: Callable | None = None
+    decode_step: Callable | None = None
 
 
 def _reference_supports(problem: Problem) -> str | None:

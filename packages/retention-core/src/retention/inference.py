@@ -131,12 +131,8 @@ def _attend(problem: Problem, G: torch.Tensor, kernel) -> tuple:
 
 
 def _decode_step_op(kernel):
-    """A backend's fused static-cache step (append, attend, fold in one launch), when it has one: a
-    ``decode_step`` attribute of the backend or of its ``attend_window`` op. Contract:
-    ``retention_kernels.triton.decode.decode_step``."""
-    if kernel is None:
-        return None
-    return getattr(kernel, "decode_step", None) or getattr(kernel.attend_window, "decode_step", None)
+    """A backend's fused static-cache step (append, attend, fold in one launch), when it has one."""
+    return None if kernel is None else kernel.decode_step
 
 
 def _cumulative_gate(log_G, b, w, h, device, compute) -> torch.Tensor:

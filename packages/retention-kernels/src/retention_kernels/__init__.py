@@ -47,11 +47,9 @@ def _triton_decode_step(*args):
     return decode_step(*args)
 
 
-_triton_attend_window.decode_step = _triton_decode_step  # the static cache's fused step (retention.inference)
-
-
 def backends() -> list:
     """The backends this package provides (``retention.backends.Backend`` objects)."""
     from retention.backends import Backend
 
-    return [Backend("triton", 20, _triton_supports, _triton_forward, attend_window=_triton_attend_window)]
+    return [Backend("triton", 20, _triton_supports, _triton_forward, attend_window=_triton_attend_window,
+                    decode_step=_triton_decode_step)]
