@@ -2,7 +2,8 @@
 tolerance rule) and the SPEC.md section 6 timing protocol against SDPA. One script, one device call:
 
     PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src python benchmarks/gpu_triton.py \
-        [--quick] [--json results.json]
+        [--quick] [--skip-checks] [--no-compile] [--profile] [--degs 2,1] [--ts 1024,65536] [--chunks 512,1024]
+        [--json results.json]
 
 Prints the checks as they run and a short table last.
 """
@@ -110,9 +111,15 @@ def correctness(quick, results):
                             magnitude=3.0, state=True, deg=2, requires_grad=True)
         passed, base = check(f"{tag} deg2 d64 t3000 gqa4 strong-gates mag3 state", inp, 2, results=results)
         ok &= passed
+        if quick and dtype == torch.float16:
+            break
         inp = random_inputs(b=1, t=2048, hq=2, h=2, d=64, dtype=dtype, device=dev, gating=False,
                             deg=2, requires_grad=True)
         ok &= check(f"{tag} deg2 d64 t2048 no-gates chunk=t", inp, 2, chunk_size=2048, results=results)[0]
+        # d=32 with chunk 1024 once hit an illegal memory access (minimal-layout output kernel, Triton 3.6).
+        inp = random_inputs(b=1, t=1500, hq=2, h=1, d=32, dtype=dtype, device=dev, gate_strength=4.0,
+                            deg=2, requires_grad=True)
+        ok &= check(f"{tag} deg2 d32 t1500 chunk1024", inp, 2, chunk_size=1024, results=results)[0]
         if not quick:
             for deg, d in ((1, 64), (3, 16), (4, 16)):
                 inp = random_inputs(b=1, t=777, hq=4, h=2, d=d, dtype=dtype, device=dev, state=True, deg=deg)
@@ -127,7 +134,7 @@ def correctness(quick, results):
                 ok &= check(f"{tag} deg2 d{d} t1500 gates20", inp, 2, results=results)[0]
         # Long context: 64k without gating (the state grows like t) and with gating; baseline from t=3000.
         t_long = 16384 if quick else 65536
-        for gating in (False, True):
+        for gating in ((True,) if quick else (False, True)):
             inp = random_inputs(b=1, t=t_long, hq=1, h=1, d=64, dtype=dtype, device=dev, gating=gating,
                                 deg=2, requires_grad=True)
             ok &= check(f"{tag} deg2 d64 t{t_long} gating={gating}", inp, 2, oracle="chunked",
@@ -268,6 +275,9 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--chunks", default="256,512,1024")
+    parser.add_argument("--degs", default="2,1")
+    parser.add_argument("--ts", default="1024,4096,16384,65536")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile checks")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -280,7 +290,8 @@ def main():
     ok = True
     if not args.skip_checks:
         ok = correctness(args.quick, results)
-        compile_check(results)
+        if not args.no_compile:
+            compile_check(results)
         log(f"checks {'all PASS' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
     if args.profile:
         profile(chunk=1024)
@@ -288,7 +299,7 @@ def main():
     log(f"measured bf16 matmul rate: {rate:.0f} TFLOP/s")
     rows = []
     chunks = [int(c) for c in args.chunks.split(",")]
-    timing([2, 1], [1024, 4096, 16384, 65536], chunks, rate, rows)
+    timing([int(x) for x in args.degs.split(",")], [int(x) for x in args.ts.split(",")], chunks, rate, rows)
     log("\n| deg | t | b | C | fwd ms | SDPA fwd | x | fwd+bwd ms | SDPA f+b | x | matmul frac f / fb | peak+GiB |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -15,6 +15,7 @@ import retention_kernels
 from retention import power_retention
 from retention._validate import validate
 from retention.reference import power_retention_quadratic
+from retention.sympow import sympow
 from retention.testing import assert_close_to_oracle, plain_error, random_inputs
 from retention_kernels.triton import function
 
@@ -63,6 +64,7 @@ CASES = {
     "deg2-gqa-gates-state-chunk16": (dict(b=2, t=37, hq=4, h=2, d=16, state=True), 2, 16),
     "deg2-quadratic-chunk=t": (dict(b=1, t=24, hq=2, h=2, d=16, gating=False), 2, 24),
     "deg2-auto-chunk-strong-gates": (dict(b=1, t=40, hq=2, h=1, d=32, gate_strength=20.0), 2, None),
+    "deg2-d24-padded-blocks-state": (dict(b=1, t=21, hq=1, h=1, d=24, state=True), 2, 8),
     "deg1-no-gates-chunk8": (dict(b=1, t=29, hq=2, h=1, d=16, gating=False, state=True, deg=1), 1, 8),
     "deg3-state-chunk7": (dict(b=1, t=23, hq=2, h=1, d=8, state=True, deg=3), 3, 7),
     "deg4-chunk16": (dict(b=1, t=20, hq=1, h=1, d=8, state=True, deg=4), 4, 16),
@@ -130,3 +132,40 @@ def test_supports_names_the_reason(monkeypatch):
     double = {n: x.double() for n, x in inputs.items()}
     problem64 = validate(double["Q"], double["K"], double["V"], None, None, None, 2, None, None, False)
     assert "float64" in triton_backend.supports(problem64)
+
+
+def test_minimal_layout_kernels_for_deg2(interpreter, monkeypatch):
+    """RETENTION_TRITON_PAIRS=0: deg 2 through the minimal-layout (one-hot) kernels still matches the oracle."""
+    monkeypatch.setattr(function, "PAIR_LAYOUT", False)
+    inputs = random_inputs(b=1, t=19, hq=2, h=1, d=16, dtype=torch.float32, state=True)
+    check_against_oracle(inputs, 2, 8, interpreter)
+
+
+@pytest.mark.parametrize("d", [8, 16, 24, 48])
+def test_pair_layout_is_an_isometry(d):
+    """The block-pair features are ``A phi_min`` with ``A^T A = 1``: inner products are (x.y)^2, and the state
+    and key-sum conversions invert each other (minimal -> internal -> minimal)."""
+    layout = function._pair_layout(d, "cpu")
+    D = function.sympow_dim(d, 2)
+    A = torch.zeros(layout.DI, D, dtype=torch.float64)
+    A[torch.arange(layout.DI), layout.src] = layout.coef.double()
+    torch.testing.assert_close(A.T @ A, torch.eye(D, dtype=torch.float64))
+    x, y = torch.randn(2, 3, d, dtype=torch.float64)
+    pairs = layout.pairs.long()
+    padded = torch.nn.functional.pad(torch.stack([x, y]), (0, layout.DP - d)).reshape(2, 3, -1, 16)
+    weight = 1.0 + (2.0**0.5 - 1.0) * (pairs[:, 0] < pairs[:, 1]).double()  # sqrt(2) off the diagonal
+    features = (padded[:, :, pairs[:, 0], :, None] * padded[:, :, pairs[:, 1], None, :]) * weight[:, None, None]
+    features = features.reshape(2, 3, layout.DI)
+    torch.testing.assert_close((features[0] * features[1]).sum(-1), (x * y).sum(-1) ** 2)
+    torch.testing.assert_close(features[0], sympow(x, 2) @ A.T)
+    S = torch.randn(D, 5, dtype=torch.float64)
+    internal = S[layout.src] * layout.coef[:, None].double()
+    back = internal[layout.src1] * layout.coef1[:, None].double()
+    back = back + internal[layout.src2] * layout.coef2[:, None].double()
+    torch.testing.assert_close(back, S)
+    z = torch.randn(D, dtype=torch.float64)
+    M = z[layout.m_index] * layout.m_coef.double()
+    torch.testing.assert_close(M.reshape(layout.DP, -1), M.reshape(layout.DP, -1).T)
+    torch.testing.assert_close((sympow(x, 2) * z).sum(-1), torch.einsum("ni,ij,nj->n", torch.nn.functional.pad(
+        x, (0, layout.DP - d)), M.reshape(layout.DP, -1), torch.nn.functional.pad(x, (0, layout.DP - d))))
+    torch.testing.assert_close((M[layout.z_index1] + M[layout.z_index2]) * layout.z_coef.double(), z)

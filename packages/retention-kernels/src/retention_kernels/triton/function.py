@@ -14,8 +14,10 @@ Backward:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ from retention.sympow import sympow_dim, sympow_table
 from ._tiles import next_power_of_2
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
+from .pairs import pair_key_value_grad_kernel, pair_output_kernel, pair_query_grad_kernel, pair_state_kernel
 from .state import chunk_update_kernel, scan_kernel
 
 __all__ = ["power_retention_triton", "default_chunk_size"]
@@ -91,6 +94,24 @@ def _tables(d: int, deg: int, device: torch.device) -> tuple[torch.Tensor, torch
             torch.from_numpy(weight.astype("float32")).to(device),
         )
     return _TABLES[key]
+
+
+def _output_cotangent(dY, Y, den, operand):
+    """``dN' = [dn, delta]`` with ``dn = dy / den`` rounded to the kernels' operand precision and
+    ``delta = -(dn . y)`` computed from that rounded ``dn`` (fp32; both 0 where ``den == 0``).
+
+    Every use is ``dn_i . v_j + delta_i = dn_i . (v_j - y_i)``, which nearly cancels where the weights are peaked
+    (strong gates, large magnitudes); rounding ``dn`` only inside the products (and not in delta) turned its
+    relative rounding error into an absolute one (bf16: dQ, dK relative errors ~0.25 vs 3e-3 for Y)."""
+    inverse = torch.where(den == 0, 0.0, 1.0 / torch.where(den == 0, 1.0, den))
+    dn = dY.float() * inverse[..., None]
+    if operand == tl.bfloat16:
+        dn = dn.to(torch.bfloat16)
+    elif dY.dtype == torch.float16:  # fp32 operands on tf32 tensor cores: round to tf32 (10-bit mantissa)
+        bits = dn.view(torch.int32)
+        dn = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    delta = -(dn.float() * Y.float()).sum(-1)
+    return dn, delta
 
 
 def _local_gates(log_G: torch.Tensor | None, plan: _Plan, b: int, h: int, device) -> torch.Tensor:
@@ -172,9 +193,8 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     D = plan.D
 
     # dN' = [dy / den, -(dy . y) / den]  [b, t, hq, e + 1], 0 where the denominator is exactly 0 (y = 0 there).
-    dY32, Y32 = dY.float(), Y.float()
-    inverse = torch.where(den == 0, 0.0, 1.0 / torch.where(den == 0, 1.0, den))
-    dN = torch.cat([dY32 * inverse[..., None], (-(dY32 * Y32).sum(-1) * inverse)[..., None]], dim=-1)
+    dn, delta = _output_cotangent(dY, Y, den, plan.operand)
+    dN = torch.cat([dn.float(), delta[..., None]], dim=-1)
 
     # Slot c: dS'_c, the gradient of the state entering chunk c (slot n: of the final state; slot 0: initial).
     d_states = _new(b, h, plan.n + 1, D, e, device=device)
@@ -207,7 +227,7 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     d_log_G = None
     if has_gate:
         # Query side dN'_i . N'_i with N'_i = [y_i den_i, den_i]: (dy.y) - (dy.y), zero up to rounding.
-        dG_queries = den * ((dN[..., :e] * Y32).sum(-1) + dN[..., e])
+        dG_queries = den * ((dN[..., :e] * Y.float()).sum(-1) + dN[..., e])
         dG = dG_queries.reshape(b, t, h, hq // h).sum(-1) - dG_keys
         if has_final_grad:
             dG[:, -1] += (d_states[:, :, plan.n] * final_state).sum((-2, -1))
@@ -215,6 +235,234 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
         # Reverse cumulative sum over time, along the contiguous last axis (a scan over a strided axis is slow).
         d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
     return dQ, dK, dV, d_log_G, d_states[:, :, 0].clone(), d_key_states[:, :, 0].clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deg 2: the block-pair layout (pairs.py), converted to and from the minimal layout by differentiable gathers
+
+# RETENTION_TRITON_PAIRS=0 falls back to the minimal-layout kernels (one-hot expansion) for deg 2.
+PAIR_LAYOUT = os.environ.get("RETENTION_TRITON_PAIRS", "1") != "0"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like triton.jit does
+
+
+@dataclass(frozen=True)
+class _PairLayout:
+    """Index tables between the minimal layout (``Dm`` features) and the block-pair one (``DI``, ``[DP, DP]``)."""
+
+    DP: int
+    NP: int
+    DI: int
+    pairs: torch.Tensor  # int32 [NP, 2]: blocks (I, J) of pair P
+    src: torch.Tensor  # [DI] minimal feature of each internal one (0 for padding)
+    coef: torch.Tensor  # [DI] entries of A (S_int = A S_min; A^T A = 1)
+    src1: torch.Tensor  # [Dm] first internal source of each minimal feature
+    coef1: torch.Tensor
+    src2: torch.Tensor  # [Dm] second source (the mirrored product of a diagonal block), coef 0 when none
+    coef2: torch.Tensor
+    m_index: torch.Tensor  # [DP * DP] minimal feature of M[x, y]
+    m_coef: torch.Tensor  # [DP * DP] 1 / w (0 for padding)
+    z_index1: torch.Tensor  # [Dm] flat index of M[x, y] and M[y, x]
+    z_index2: torch.Tensor
+    z_coef: torch.Tensor  # [Dm] w / 2
+
+
+_PAIR_LAYOUTS: dict = {}
+
+
+def _pair_layout(d: int, device) -> _PairLayout:
+    key = (d, str(device))
+    if key in _PAIR_LAYOUTS:
+        return _PAIR_LAYOUTS[key]
+    blocks = -(-d // 16)
+    DP = next_power_of_2(d)
+    pairs = [(i, j) for i in range(blocks) for j in range(i, blocks)]
+    index, weight = sympow_table(d, 2)
+    minimal = {(int(x), int(y)): a for a, (x, y) in enumerate(index)}
+    DI = 256 * len(pairs)
+    src, coef = np.zeros(DI, np.int64), np.zeros(DI)
+    sources: list[list] = [[] for _ in range(len(index))]
+    for P, (i, j) in enumerate(pairs):
+        for u in range(16):
+            for v in range(16):
+                x, y = 16 * i + u, 16 * j + v
+                if x >= d or y >= d:
+                    continue
+                f = 256 * P + 16 * u + v
+                a = minimal[(min(x, y), max(x, y))]
+                src[f], coef[f] = a, (1.0 if (i < j or u == v) else 0.5**0.5)
+                sources[a].append((f, coef[f]))
+    src1 = np.array([s[0][0] for s in sources])
+    coef1 = np.array([s[0][1] for s in sources])
+    src2 = np.array([s[-1][0] for s in sources])
+    coef2 = np.array([s[1][1] if len(s) > 1 else 0.0 for s in sources])
+    m_index, m_coef = np.zeros(DP * DP, np.int64), np.zeros(DP * DP)
+    for x in range(d):
+        for y in range(d):
+            a = minimal[(min(x, y), max(x, y))]
+            m_index[x * DP + y], m_coef[x * DP + y] = a, 1.0 / weight[a]
+
+    def on(array, dtype=torch.float32):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+    layout = _PairLayout(
+        DP=DP, NP=len(pairs), DI=DI, pairs=on(np.array(pairs).reshape(-1, 2), torch.int32),
+        src=on(src, torch.long), coef=on(coef), src1=on(src1, torch.long), coef1=on(coef1),
+        src2=on(src2, torch.long), coef2=on(coef2), m_index=on(m_index, torch.long), m_coef=on(m_coef),
+        z_index1=on(index[:, 0] * DP + index[:, 1], torch.long),
+        z_index2=on(index[:, 1] * DP + index[:, 0], torch.long),
+        z_coef=on(weight / 2),
+    )
+    _PAIR_LAYOUTS[key] = layout
+    return layout
+
+
+def _autotuned(kernel, configs, key):
+    """``kernel`` autotuned over ``configs`` (results cached on disk), or None under the interpreter."""
+    if _INTERPRET:
+        return None
+    try:
+        return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
+    except TypeError:  # a triton without on-disk autotune caching
+        return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def _config(num_warps, num_stages, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+_SHAPE_KEY = ["C", "d", "e", "NP"]
+_TUNED_STATE = _autotuned(
+    pair_state_kernel,
+    [_config(8, 3, BT=64, BU=16), _config(4, 3, BT=64, BU=8), _config(8, 2, BT=128, BU=8)],
+    [*_SHAPE_KEY, "hx", "h", "BACKWARD", "HAS_GATE", "HAS_INIT"],
+)
+_TUNED_OUTPUT = _autotuned(
+    pair_output_kernel,
+    [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
+    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
+)
+_TUNED_QUERY_GRAD = _autotuned(
+    pair_query_grad_kernel,
+    [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
+    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
+)
+_TUNED_KEY_VALUE_GRAD = _autotuned(
+    pair_key_value_grad_kernel,
+    [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=128)],
+    [*_SHAPE_KEY, "hq", "h", "HAS_GATE"],
+)
+# Under the interpreter (CPU): large blocks mean fewer (slow) Python-level programs.
+_INTERPRETER_META = dict(BT=32, BU=16, BQ=32, BK=32)
+
+
+def _launch(tuned, kernel, grid, args, constants, meta_names):
+    if tuned is not None:
+        tuned[grid](*args, **constants)
+    else:
+        meta = {name: _INTERPRETER_META[name] for name in meta_names}
+        kernel[grid(meta)](*args, **constants, **meta, num_warps=4)
+
+
+def _pair_constants(Q, plan, layout):
+    gram = "ieee" if Q.dtype == torch.float32 else "tf32"
+    return dict(DP=layout.DP, EP=plan.EP, OP=plan.operand, PRECISION=plan.precision, GRAM_PRECISION=gram)
+
+
+def _pair_state_pass(X, V, delta, G, log_G, layout, plan, init, init_M, states, Ms, final, final_M, h, scale,
+                     backward):
+    b, t, hx = X.shape[:3]
+    e = V.shape[3]
+    has_gate = log_G is not None
+    has_init = init is not None
+    args = (
+        X, V, delta if backward else final_M, G if has_gate else final_M, layout.pairs,
+        init if has_init else final, states, final, init_M if has_init else final_M, Ms, final_M,
+        *X.stride(), *V.stride(), t, hx, h, X.shape[3], e, plan.n, plan.C, plan.T_pad, layout.NP, scale * scale,
+    )
+    constants = dict(BACKWARD=backward, HAS_GATE=has_gate, HAS_INIT=has_init, **_pair_constants(X, plan, layout))
+    def grid(meta):
+        return (layout.NP * (16 // meta["BU"]) + 1, b * h)
+    _launch(_TUNED_STATE, pair_state_kernel, grid, args, constants, ("BT", "BU"))
+
+
+def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int):
+    b, t, hq, d = Q.shape
+    h, e = K.shape[2], V.shape[3]
+    plan = _plan(Q, K, V, 2, chunk_size)
+    device = Q.device
+    layout = _pair_layout(d, device)
+    G = _local_gates(log_G, plan, b, h, device)
+    state_dtype = torch.bfloat16 if Q.dtype == torch.bfloat16 else torch.float32
+    states = _new(b * h, plan.n, layout.DI, e, device=device, dtype=state_dtype)
+    Ms = _new(b * h, plan.n, layout.DP, layout.DP, device=device)
+    final = _new(b, h, layout.DI, e, device=device)
+    final_M = _new(b, h, layout.DP, layout.DP, device=device)
+    init = None if state is None else state.float().contiguous()
+    init_M = None if M0 is None else M0.float().contiguous()
+    _pair_state_pass(K, V, None, G, log_G, layout, plan, init, init_M, states, Ms, final, final_M, h, scale,
+                     backward=False)
+
+    Y = _new(b, t, hq, e, device=device, dtype=Q.dtype)
+    den = _new(b, t, hq, device=device)
+    args = (
+        Q, K, V, G if log_G is not None else den, layout.pairs, states, Ms, Y, den,
+        *Q.stride(), *K.stride(), *V.stride(), t, hq, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP, scale,
+    )
+    constants = dict(HAS_GATE=log_G is not None, HAS_STATE=state is not None, **_pair_constants(Q, plan, layout))
+    def grid(meta):
+        return (plan.n * triton.cdiv(plan.C, meta["BQ"]), b * hq)
+    _launch(_TUNED_OUTPUT, pair_output_kernel, grid, args, constants, ("BQ", "BK"))
+    return Y, den, final, final_M, states, Ms, G
+
+
+def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M,
+                   has_state: bool, scale: float, chunk_size: int):
+    b, t, hq, d = Q.shape
+    h, e = K.shape[2], V.shape[3]
+    plan = _plan(Q, K, V, 2, chunk_size)
+    device = Q.device
+    layout = _pair_layout(d, device)
+    has_gate = log_G is not None
+    dn, delta = _output_cotangent(dY, Y, den, plan.operand)
+
+    has_final_grad = d_final is not None or d_final_M is not None
+    if has_final_grad:
+        d_final = torch.zeros_like(final) if d_final is None else d_final.float().contiguous()
+        d_final_M = torch.zeros_like(final_M) if d_final_M is None else d_final_M.float().contiguous()
+    d_states = _new(*states.shape, device=device, dtype=states.dtype)
+    d_Ms = _new(*Ms.shape, device=device)
+    d_init = _new(*final.shape, device=device)
+    d_init_M = _new(*final_M.shape, device=device)
+    _pair_state_pass(Q, dn, delta, G, log_G, layout, plan, d_final if has_final_grad else None, d_final_M,
+                     d_states, d_Ms, d_init, d_init_M, h, scale, backward=True)
+
+    G_arg = G if has_gate else den
+    common = (*Q.stride(), *K.stride(), *V.stride(), t, hq, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP, scale)
+    dQ = _new(b, t, hq, d, device=device, dtype=Q.dtype)
+    constants = dict(HAS_GATE=has_gate, HAS_STATE=has_state, **_pair_constants(Q, plan, layout))
+    def query_grid(meta):
+        return (plan.n * triton.cdiv(plan.C, meta["BQ"]), b * hq)
+    _launch(_TUNED_QUERY_GRAD, pair_query_grad_kernel, query_grid,
+            (Q, K, V, G_arg, layout.pairs, states, Ms, dn, delta, dQ, *common), constants, ("BQ", "BK"))
+    dK = _new(b, t, h, d, device=device, dtype=K.dtype)
+    dV = _new(b, t, h, e, device=device, dtype=V.dtype)
+    dG_keys = _new(b, t, h, device=device)
+    constants = dict(HAS_GATE=has_gate, **_pair_constants(Q, plan, layout))
+    def key_grid(meta):
+        return (plan.n * triton.cdiv(plan.C, meta["BK"]), b * h)
+    _launch(_TUNED_KEY_VALUE_GRAD, pair_key_value_grad_kernel, key_grid,
+            (Q, K, V, G_arg, layout.pairs, d_states, d_Ms, dn, delta, dK, dV, dG_keys, *common), constants,
+            ("BQ", "BK"))
+
+    d_log_G = None
+    if has_gate:
+        # dG_i = dN'_i . N'_i - v'_i . dv'_i; the query side den_i (dn_i . y_i + delta_i) is exactly 0 with
+        # delta = -(dn . y), so only the key side remains (+ the final state's term on the last step).
+        dG = -dG_keys
+        if has_final_grad:  # <dS_int, S_int> = <dS_min, S_min>: the conversion is an isometry
+            dG[:, -1] += (d_final * final).sum((-2, -1)) + (d_final_M * final_M).sum((-2, -1))
+        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+    return dQ, dK, dV, d_log_G, d_init, d_init_M
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,6 +560,108 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.custom_op("retention_kernels::pair_retention_fwd", mutates_args=())
+def _pair_forward_op(
+    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor | None,
+    state: torch.Tensor | None, M0: torch.Tensor | None, scale: float, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _pair_forward(Q, K, V, log_G, state, M0, scale, chunk_size)
+
+
+@_pair_forward_op.register_fake
+def _(Q, K, V, log_G, state, M0, scale, chunk_size):
+    b, t, hq, d = Q.shape
+    h, e = K.shape[2], V.shape[3]
+    plan = _plan(Q, K, V, 2, chunk_size)
+    DP = next_power_of_2(d)
+    DI = 256 * ((-(-d // 16)) * (-(-d // 16) + 1) // 2)
+    new = Q.new_empty
+    G = new(b, h, plan.T_pad, dtype=torch.float32) if log_G is not None else new(0, dtype=torch.float32)
+    state_dtype = torch.bfloat16 if Q.dtype == torch.bfloat16 else torch.float32
+    return (
+        new(b, t, hq, e), new(b, t, hq, dtype=torch.float32),
+        new(b, h, DI, e, dtype=torch.float32), new(b, h, DP, DP, dtype=torch.float32),
+        new(b * h, plan.n, DI, e, dtype=state_dtype), new(b * h, plan.n, DP, DP, dtype=torch.float32), G,
+    )
+
+
+@torch.library.custom_op("retention_kernels::pair_retention_bwd", mutates_args=())
+def _pair_backward_op(
+    dY: torch.Tensor, d_final: torch.Tensor | None, d_final_M: torch.Tensor | None,
+    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor | None, G: torch.Tensor,
+    Y: torch.Tensor, den: torch.Tensor, states: torch.Tensor, Ms: torch.Tensor,
+    final: torch.Tensor, final_M: torch.Tensor, has_state: bool, scale: float, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dQ, dK, dV, d_log_G, d_init, d_init_M = _pair_backward(
+        dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M, has_state, scale, chunk_size,
+    )
+    if d_log_G is None:
+        d_log_G = Q.new_empty(0, dtype=torch.float32)
+    return dQ, dK, dV, d_log_G, d_init, d_init_M
+
+
+@_pair_backward_op.register_fake
+def _(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M, has_state, scale,
+      chunk_size):
+    b, t, hq, d = Q.shape
+    h, e = K.shape[2], V.shape[3]
+    new = Q.new_empty
+    d_log_G = new(b, t, h, dtype=torch.float32) if log_G is not None else new(0, dtype=torch.float32)
+    return (
+        new(b, t, hq, d), K.new_empty(b, t, h, d), V.new_empty(b, t, h, e), d_log_G,
+        torch.empty_like(final), torch.empty_like(final_M),
+    )
+
+
+def _pair_setup_context(ctx, inputs, output):
+    Q, K, V, log_G, state, M0, scale, chunk_size = inputs
+    Y, den, final, final_M, states, Ms, G = output
+    ctx.save_for_backward(Q, K, V, log_G, G, Y, den, states, Ms, final, final_M)
+    ctx.mark_non_differentiable(den, states, Ms, G)
+    ctx.set_materialize_grads(False)
+    ctx.meta = (state is not None, scale, chunk_size)
+    ctx.gate_dtype = None if log_G is None else log_G.dtype
+
+
+def _pair_backward_autograd(ctx, dY, d_den, d_final, d_final_M, d_states, d_Ms, d_G):
+    Q, K, V, log_G, G, Y, den, states, Ms, final, final_M = ctx.saved_tensors
+    has_state, scale, chunk_size = ctx.meta
+    if dY is None:
+        dY = torch.zeros_like(Y)
+    dQ, dK, dV, d_log_G, d_init, d_init_M = _pair_backward_op(
+        dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M, has_state, scale,
+        chunk_size,
+    )
+    return (
+        dQ, dK, dV,
+        None if log_G is None else d_log_G.to(ctx.gate_dtype),
+        d_init if has_state else None, d_init_M if has_state else None,
+        None, None,
+    )
+
+
+torch.library.register_autograd(
+    "retention_kernels::pair_retention_fwd", _pair_backward_autograd, setup_context=_pair_setup_context
+)
+
+
+def _pair_retention(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size):
+    """deg 2 through the block-pair kernels; the states cross in the minimal layout (differentiable gathers)."""
+    b, h, d = Q.shape[0], K.shape[2], Q.shape[3]
+    layout = _pair_layout(d, Q.device)
+    init = init_M = None
+    if state is not None:
+        init = state.float()[..., layout.src, :] * layout.coef[:, None]
+        keys = sum_of_keys.float() if sum_of_keys is not None else state.new_zeros(state.shape[:3], dtype=torch.float32)
+        init_M = (keys[..., layout.m_index] * layout.m_coef).reshape(b, h, layout.DP, layout.DP)
+    Y, _den, final, final_M, _states, _Ms, _G = _pair_forward_op(Q, K, V, log_G, init, init_M, scale, chunk_size)
+    final_state = (final[..., layout.src1, :] * layout.coef1[:, None]
+                   + final[..., layout.src2, :] * layout.coef2[:, None])
+    flat = final_M.reshape(b, h, layout.DP * layout.DP)
+    final_keys = (flat[..., layout.z_index1] + flat[..., layout.z_index2]) * layout.z_coef
+    return Y, final_state, final_keys
+
+
 def power_retention_triton(Q, K, V, log_G=None, state=None, sum_of_keys=None, deg=2, scale=None,
                            chunk_size=None):
     """``(Y [b, t, hq, e], state [b, h, D, e] fp32, sum_of_keys [b, h, D] fp32)``, differentiable.
@@ -326,6 +676,8 @@ def power_retention_triton(Q, K, V, log_G=None, state=None, sum_of_keys=None, de
     chunk_size = min(int(chunk_size), t)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
+    if deg == 2 and PAIR_LAYOUT:
+        return _pair_retention(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size)
     Y, _den, final_state, final_keys, _states, _key_states, _G = _forward_op(
         Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size
     )
