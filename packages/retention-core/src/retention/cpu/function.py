@@ -30,16 +30,19 @@ def kernel_layout(Q, K, V, log_G, state, sum_of_keys, chunk: int, dtype: torch.d
     r = hq // h
     padded = -(-t // chunk) * chunk
 
-    q = Q.new_zeros(b, h, padded, r, d, dtype=dtype)
-    q[:, :, :t] = Q.detach().reshape(b, t, h, r, d).transpose(1, 2)
-    k = Q.new_zeros(b, h, padded, d, dtype=dtype)
-    k[:, :, :t] = K.detach().transpose(1, 2)
-    v1 = Q.new_zeros(b, h, padded, e + 1, dtype=dtype)
+    def head_major(x, *shape):  # [b, t, h, ...] -> [b, h, padded, ...], the padded steps zero
+        out = Q.new_empty(b, h, padded, *shape, dtype=dtype)
+        out[:, :, t:] = 0
+        if x is not None:
+            out[:, :, :t] = x.detach().transpose(1, 2)
+        return out
+
+    q = head_major(Q.reshape(b, t, h, r, d), r, d)
+    k = head_major(K, d)
+    v1 = head_major(None, e + 1)
     v1[:, :, :t, :e] = V.detach().transpose(1, 2)
     v1[:, :, :t, e] = 1
-    log_g = Q.new_zeros(b, h, padded, dtype=dtype)
-    if log_G is not None:
-        log_g[:, :, :t] = log_G.detach().transpose(1, 2)
+    log_g = head_major(log_G) if log_G is not None else Q.new_zeros(b, h, padded, dtype=dtype)
     if state is None:
         state1 = None
     else:
