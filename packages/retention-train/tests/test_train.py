@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from retention_train.sample import main as sample_main
 from retention_train.train import TrainConfig, config_from_args, learning_rate, parse_args, train
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, chunk_size=8, backend="reference",
@@ -30,6 +31,8 @@ def test_command_line_parsing():
         parse_args(["--degree=two"])
     with pytest.raises(ValueError, match="--disable_gating expects bool"):
         parse_args(["--disable_gating=maybe"])
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        config_from_args(["--batch_size=0"])
 
 
 def test_learning_rate_schedule():
@@ -38,9 +41,10 @@ def test_learning_rate_schedule():
     assert learning_rate(c, 60) == pytest.approx(0.55) and learning_rate(c, 110) == pytest.approx(0.1)
 
 
-def test_tiny_model_learns_and_writes_its_outputs(data_root, tmp_path):
+def test_tiny_model_learns_and_writes_its_outputs(data_root, tmp_path, capsys):
+    # backend="auto": the fastest installed backend (the numba CPU one), as the main job runs.
     result = train(config(data_root, tmp_path / "out", max_iters=40, eval_interval=20, log_interval=5,
-                          sample_tokens=16, eval_iters=4))
+                          sample_tokens=16, eval_iters=4, backend="auto"))
     evals = [e for e in result["history"] if e["kind"] == "eval"]
     assert [e["iter"] for e in evals] == [20, 40]
     # Uniform guessing over 256 bytes costs ln 256 = 5.55 nats; 40 steps must get well below (to the byte
@@ -57,6 +61,11 @@ def test_tiny_model_learns_and_writes_its_outputs(data_root, tmp_path):
     assert not list(out.glob("*.tmp*"))  # atomic writes leave no temporaries
     checkpoint = torch.load(out / "ckpt.pt", weights_only=False)
     assert checkpoint["iter_num"] == 40 and checkpoint["model_config"]["n_layer"] == 2
+    # Generation from the checkpoint (constant-time decoding with the cache).
+    capsys.readouterr()
+    sample_main([f"--out_dir={out}", "--prompt=class ", "--max_new_tokens=30", "--num_samples=2", "--report_timing"])
+    printed = capsys.readouterr().out
+    assert printed.count("class ") >= 2 and "ms/token" in printed
 
 
 def test_resume_continues_bit_exactly(data_root, tmp_path):

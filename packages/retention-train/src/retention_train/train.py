@@ -85,8 +85,18 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that have it, else float32
     compile: bool = False
+    cpu_threads: int = 0  # torch.set_num_threads on CPU; 0 keeps PyTorch's default (1 is fastest for small models)
     seed: int = 1337
     context_parallel: bool = False  # split each sequence across the ranks of torchrun
+
+    def __post_init__(self):
+        for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
+                     "max_iters", "warmup_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup_iters" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens!r}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         shared = {f.name for f in fields(GPTConfig)} & {f.name for f in fields(TrainConfig)}
@@ -148,7 +158,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up to ``learning_rate``, then cosine decay to ``min_lr`` at ``lr_decay_iters``."""
     decay_iters = config.lr_decay_iters or config.max_iters
-    if step < config.warmup_iters:
+    if step < config.warmup_iters:  # (warmup_iters == 0: no warm-up)
         return config.learning_rate * (step + 1) / config.warmup_iters
     if step >= decay_iters:
         return config.min_lr
@@ -265,6 +275,10 @@ def train(config: TrainConfig) -> dict:
 
 def _train(config: TrainConfig, world: _Distributed) -> dict:
     device = _resolve_device(config, world.local_rank)
+    if config.cpu_threads > 0 and device.type == "cpu":
+        # Small models spend more on waking idle OpenMP workers than the matmuls save (and the numba
+        # backend runs its own worker threads).
+        torch.set_num_threads(config.cpu_threads)
     dtype = _resolve_dtype(config, device)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
