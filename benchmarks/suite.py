@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -108,6 +109,12 @@ def slug(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # Timing
+
+
+def log(message: str) -> None:
+    """A line per measurement where no progress bar is drawn (logs, CI, remote runs)."""
+    if not console.is_terminal:
+        console.print(f"[{time.strftime('%H:%M:%S')}] {message}", highlight=False, markup=False)
 
 
 def synchronize(device: str) -> None:
@@ -265,7 +272,11 @@ def methods_for(config: Config, only: list[str] | None) -> tuple[list[Method], l
     """Every method that can run here, and a note for each that cannot."""
     methods, notes = [], []
     for name in retention.available_backends():
-        methods.append(ours(name))
+        reason = backend_refuses(name, config)
+        if reason:
+            notes.append(f"retention[{name}] skipped: {reason}")
+        else:
+            methods.append(ours(name))
     if config.device == "cuda":
         methods += [sdpa(kernel) for kernel in SDPA_BACKENDS]
         for factory, package in ((flash_attn, "flash-attn"), (fla_simple_gla, "fla (flash-linear-attention)")):
@@ -279,6 +290,18 @@ def methods_for(config: Config, only: list[str] | None) -> tuple[list[Method], l
     if only:
         methods = [m for m in methods if any(pattern in m.name for pattern in only)]
     return methods, notes
+
+
+def backend_refuses(name: str, config: Config) -> str | None:
+    """Why backend ``name`` cannot run on this device and dtype (asked with a tiny call), or None."""
+    x = torch.randn(1, 4, 1, 16, device=config.device, dtype=config.torch_dtype)
+    try:
+        retention.power_retention(x, x, x, deg=2, backend=name)
+    except ValueError as error:
+        if "cannot run this call" in str(error):
+            return str(error).split("cannot run this call: ", 1)[-1]
+        raise
+    return None
 
 
 def method_flops(method: Method, case: Case, config: Config, pass_: str) -> float:
@@ -322,7 +345,7 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
     for pass_ in config.passes:
         for case in cases:
             for method in methods:
-                progress.update(task, description=f"{pass_} {method.name} deg={case.deg} d={case.head_dim} t={case.t}")
+                progress.update(task, description=escape(f"{pass_} {method.name} deg={case.deg} t={case.t}"))
                 key = (method.name, pass_, case.head_dim, case.t)
                 if not method.depends_on_deg and key in softmax_times:
                     ms, note = softmax_times[key]
@@ -332,6 +355,7 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
                         softmax_times[key] = (ms, note)
                 rows.append(training_row(method, case, config, pass_, ms, note, matmul))
                 progress.advance(task)
+                log(f"{pass_} {method.name} deg={case.deg} d={case.head_dim} t={case.t}: {fmt(ms, '.3f')} ms {note}")
     add_speedups(rows)
     return rows
 
@@ -402,6 +426,7 @@ def breakdown(config: Config, methods: list[Method], top: int = 8) -> dict[str, 
     for method in (m for m in methods if m.ours):
         if method.skip(case, config):
             continue
+        log(f"profiling {method.name} {pass_} t={t}")
         try:
             fn = timed_call(method, case, config, pass_)
             fn()  # warm-up (compilation, autotuning)
@@ -444,12 +469,14 @@ def run_decode(config: Config, backends: list[str], progress: Progress) -> list[
     rows = []
     for context in config.decode_contexts:
         for backend in backends:
-            progress.update(task, description=f"decode retention[{backend}] context={context}")
+            progress.update(task, description=escape(f"decode retention[{backend}] context={context}"))
             rows.append(decode_ours(backend, b, context, h, d, deg, dtype, device, config))
             progress.advance(task)
+            log(f"decode retention[{backend}] context={context}: {fmt(rows[-1]['ms'], '.3f')} ms {rows[-1]['note']}")
         progress.update(task, description=f"decode sdpa context={context}")
         rows.append(decode_sdpa(b, context, h, d, dtype, device, config))
         progress.advance(task)
+        log(f"decode sdpa context={context}: {fmt(rows[-1]['ms'], '.3f')} ms")
     return rows
 
 
@@ -524,28 +551,29 @@ def print_tables(report: dict) -> None:
     for column in ("pass", "method", "deg", "d", "t", "b", "ms", "vs SDPA", "TFLOP/s", "% matmul", "note"):
         table.add_column(column, justify="left" if column in ("pass", "method", "note") else "right")
     for row in report["training"]:
-        table.add_row(row["pass"], row["method"], str(row["deg"]), str(row["head_dim"]), str(row["t"]),
+        table.add_row(row["pass"], escape(row["method"]), str(row["deg"]), str(row["head_dim"]), str(row["t"]),
                       str(row["b"]), fmt(row["ms"], ".2f"), fmt(row["speedup_vs_sdpa"], ".2f") + "x" * bool(
                           row["speedup_vs_sdpa"]), fmt(row["tflops"], ".3f"),
                       fmt(None if row["fraction_of_matmul"] is None else 100 * row["fraction_of_matmul"], ".1f"),
-                      row["note"])
+                      escape(row["note"]))
     console.print(table)
     decode = Table(title="decode: one token against a context of T tokens (median step latency)")
     for column in ("method", "context", "ms", "cache MiB", "note"):
         decode.add_column(column, justify="left" if column in ("method", "note") else "right")
     for row in report["decode"]:
         mib = None if row["cache_bytes"] is None else row["cache_bytes"] / 2**20
-        decode.add_row(row["method"], str(row["context"]), fmt(row["ms"], ".3f"), fmt(mib, ".2f"), row["note"])
+        decode.add_row(escape(row["method"]), str(row["context"]), fmt(row["ms"], ".3f"), fmt(mib, ".2f"),
+                       escape(row["note"]))
     console.print(decode)
     for name, item in report["breakdown"].items():
         if "error" in item:
-            console.print(f"breakdown {name}: {item['error']}")
+            console.print(f"breakdown {name}: {item['error']}", markup=False)
             continue
         lines = ", ".join(f"{key} {ms:.1f}" for key, ms in item["kernels_ms"].items())
         console.print(f"breakdown {name} ({item['pass']}, t={item['case']['t']}, total {item['total_ms']:.1f} ms): "
-                      f"{lines}")
+                      f"{lines}", markup=False)
     for note in report["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -582,6 +610,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--methods", type=lambda text: text.split(","),
                         help="only methods whose name contains one of these, e.g. retention,sdpa[flash]")
     parser.add_argument("--no-decode", action="store_true", help="skip the inference suite")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--docs", action="store_true",
                         help="also copy the plots to docs/assets/benchmarks/<device kind>-*.png for the site")
@@ -609,8 +638,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--contexts must divide --tokens={config.tokens}, got {bad}")
 
     name = device_name(device)
-    console.print(f"[bold]retention {retention.__version__}[/] on {name}, torch {torch.__version__}; "
-                  f"backends: {', '.join(retention.available_backends())}")
+    console.print(f"retention {retention.__version__} on {name}, torch {torch.__version__}; "
+                  f"backends: {', '.join(retention.available_backends())}", markup=False)
     methods, notes = methods_for(config, args.methods)
     torch.manual_seed(0)
     matmul = matmul_tflops(config)
@@ -624,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "retention": retention.__version__, "python": platform.python_version(),
         "config": dataclasses.asdict(config), "matmul_tflops": matmul, "notes": notes,
-        "training": training, "breakdown": breakdown(config, methods), "decode": decode,
+        "training": training, "breakdown": {} if args.no_breakdown else breakdown(config, methods), "decode": decode,
     }
     print_tables(report)
 
