@@ -410,6 +410,9 @@ def _train(config: TrainConfig, world: _Distributed) -> dict:
 
     bar = tqdm(total=config.max_iters, initial=step, disable=not (world.master and config.progress),
                dynamic_ncols=True, desc="train")
+    if step == 0:  # the starting point of the curve (ln vocab for an untrained model)
+        history.append({"kind": "eval", "iter": 0, **evaluate()})
+        bar.write(f"step 0: train loss {history[-1]['train_loss']:.4f}, val loss {history[-1]['val_loss']:.4f}")
     model.train()
     window_start, window_tokens, running = time.perf_counter(), 0, torch.zeros((), device=device)
     window_steps = 0
