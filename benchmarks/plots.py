@@ -41,7 +41,7 @@ def _series(report: dict, pass_: str, d: int, deg: int) -> dict[str, list[dict]]
 def _title(report: dict, d: int) -> str:
     config = report["config"]
     return (f"{report['device']}\n{config['dtype']}, b*t={config['tokens']}, h={config['heads']}, d={d}, "
-            f"gating {'on' if config['gating'] else 'off'}, chunk {config['chunk_size']}")
+            f"gating {'on' if config['gating'] else 'off'}, chunk {config['chunk_size'] or 'backend default'}")
 
 
 def plot_throughput(report: dict, path: Path) -> Path:

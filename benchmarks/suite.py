@@ -61,7 +61,7 @@ class Config:
     head_dims: list[int]
     heads: int
     passes: list[str]
-    chunk_size: int
+    chunk_size: int | None  # None: each backend's default (what users get), counted with that chunk
     gating: bool
     decode_contexts: list[int]
     decode_batch: int
@@ -80,14 +80,14 @@ def default_config(device: str, quick: bool) -> Config:
     if device == "cuda":
         total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
         if quick:
-            return Config(device, "bfloat16", 65536, [1024, 16384], [2], [64], 8, ["fwd", "fwd+bwd"], 128, True,
+            return Config(device, "bfloat16", 65536, [1024, 16384], [2], [64], 8, ["fwd", "fwd+bwd"], None, True,
                           [1024, 16384], 1, 20, 0, 0, 8192, 0.6 * total_gb)
         return Config(device, "bfloat16", 65536, [1024, 4096, 16384, 65536], [1, 2, 4], [32, 64, 128], 8,
-                      list(PASSES), 128, True, [1024, 4096, 16384, 65536], 1, 50, 0, 0, 8192, 0.6 * total_gb)
+                      list(PASSES), None, True, [1024, 4096, 16384, 65536], 1, 50, 0, 0, 8192, 0.6 * total_gb)
     if quick:
-        return Config(device, "float32", 2048, [512, 2048], [2], [64], 4, ["fwd", "fwd+bwd"], 128, True,
+        return Config(device, "float32", 2048, [512, 2048], [2], [64], 4, ["fwd", "fwd+bwd"], None, True,
                       [512, 4096], 1, 10, 1, 3, 1024, 3.0)
-    return Config(device, "float32", 8192, [512, 1024, 2048, 4096, 8192], [2], [64], 4, list(PASSES), 128, True,
+    return Config(device, "float32", 8192, [512, 1024, 2048, 4096, 8192], [2], [64], 4, list(PASSES), None, True,
                   [512, 2048, 8192], 1, 20, 1, 5, 2048, 6.0)
 
 
@@ -172,6 +172,7 @@ class Method:
     build: Callable
     skip: Callable[[Case, Config], str | None]
     depends_on_deg: bool = True  # softmax baselines give the same time for every deg: measured once
+    chunk: Callable[[Case, Config], int] | None = None  # ours: the chunk length the call uses
 
 
 def random_qkvg(case: Case, config: Config, requires_grad: bool, heads_first: bool = False):
@@ -190,13 +191,31 @@ def random_qkvg(case: Case, config: Config, requires_grad: bool, heads_first: bo
     return q, k, v, log_g
 
 
+def default_chunk(backend: str, case: Case) -> int:
+    """The chunk length backend ``backend`` picks for ``chunk_size=None`` (to count its FLOPs)."""
+    if backend == "cpu":
+        from retention.cpu import default_chunk_size
+
+        return default_chunk_size(case.t, retention.sympow_dim(case.head_dim, case.deg))
+    if backend == "triton":
+        from retention_kernels.triton.function import default_chunk_size
+
+        return default_chunk_size(case.t, case.head_dim, case.deg)
+    if backend == "reference":
+        return min(case.t, 64)
+    raise ValueError(f"the benchmark does not know backend {backend!r}'s default chunk: pass --chunk-size")
+
+
 def ours(backend: str) -> Method:
+    def chunk(case, config):
+        return default_chunk(backend, case) if config.chunk_size is None else min(config.chunk_size, case.t)
+
     def build(case, config, requires_grad):
         q, k, v, log_g = random_qkvg(case, config, requires_grad)
-        chunk = min(config.chunk_size, case.t)
+        chunk_size = None if config.chunk_size is None else chunk(case, config)
 
         def run():
-            return retention.power_retention(q, k, v, log_g, deg=case.deg, chunk_size=chunk, backend=backend)
+            return retention.power_retention(q, k, v, log_g, deg=case.deg, chunk_size=chunk_size, backend=backend)
 
         return run, [x for x in (q, k, v, log_g) if x is not None]
 
@@ -205,14 +224,14 @@ def ours(backend: str) -> Method:
             # The reference materialises phi(q) [b, t, hq, D], the per-chunk states and the c x c blocks in
             # fp32; autograd keeps about three times that.
             D = retention.sympow_dim(case.head_dim, case.deg)
-            n = math.ceil(case.t / config.chunk_size)
-            elements = case.b * case.heads * (case.t * D + n * D * (case.head_dim + 1) + case.t * config.chunk_size)
+            c = chunk(case, config)
+            elements = case.b * case.heads * (case.t * D + math.ceil(case.t / c) * D * (case.head_dim + 1) + case.t * c)
             gigabytes = 3 * 4 * elements / 2**30
             if gigabytes > config.memory_budget_gb:
                 return f"needs ~{gigabytes:.0f} GB (budget {config.memory_budget_gb:.0f} GB)"
         return None
 
-    return Method(f"retention[{backend}]", True, build, skip)
+    return Method(f"retention[{backend}]", True, build, skip, chunk=chunk)
 
 
 SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
@@ -304,13 +323,18 @@ def backend_refuses(name: str, config: Config) -> str | None:
     return None
 
 
+def method_chunk(method: Method, case: Case, config: Config) -> int | None:
+    if method.name.startswith("fla"):
+        return min(64, case.t)
+    return method.chunk(case, config) if method.chunk else None
+
+
 def method_flops(method: Method, case: Case, config: Config, pass_: str) -> float:
     if method.name.startswith("fla"):
-        return power_retention_cost(case.b, case.t, case.heads, case.head_dim, deg=1, chunk_size=min(64, case.t),
-                                    pass_=pass_).flops
+        return power_retention_cost(case.b, case.t, case.heads, case.head_dim, deg=1,
+                                    chunk_size=method_chunk(method, case, config), pass_=pass_).flops
     cost = power_retention_cost(case.b, case.t, case.heads, case.head_dim, deg=case.deg,
-                                chunk_size=min(config.chunk_size, case.t), pass_=pass_,
-                                itemsize=torch.empty((), dtype=config.torch_dtype).element_size())
+                                chunk_size=method_chunk(method, case, config), pass_=pass_)
     return cost.flops if method.ours else cost.sdpa_flops
 
 
@@ -386,7 +410,7 @@ def training_row(method, case, config, pass_, ms, note, matmul) -> dict:
     tflops = None if ms is None else flops / (ms * 1e-3) / 1e12
     return {
         "pass": pass_, "method": method.name, "deg": case.deg, "head_dim": case.head_dim, "t": case.t,
-        "b": case.b, "heads": case.heads, "dtype": config.dtype, "chunk_size": min(config.chunk_size, case.t),
+        "b": case.b, "heads": case.heads, "dtype": config.dtype, "chunk_size": method_chunk(method, case, config),
         "ms": ms, "tokens_per_s": None if ms is None else case.b * case.t / (ms * 1e-3),
         "gflop": flops / 1e9, "tflops": tflops, "fraction_of_matmul": None if tflops is None else tflops / matmul,
         "speedup_vs_sdpa": None, "note": note,
