@@ -232,6 +232,8 @@ def _setup_distributed(device_type: str) -> _Distributed:
         return _Distributed()
     info = _Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
+        if device_type == "cuda":  # NCCL binds each rank to its GPU
+            torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         info.initialised_here = True
     return info
