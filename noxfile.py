@@ -35,6 +35,19 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def train(session: nox.Session) -> None:
+    """The main job: a small power-retention GPT on the embedded corpus (CPU, ~3 minutes), then a sample.
+    Outputs in .nox/main-job/out; options after `--` go to retention_train.train."""
+    install_local(session)
+    out = ROOT / ".nox" / "main-job"
+    env = {"NUMBA_CACHE_DIR": str(ROOT / ".nox" / "numba-cache")}
+    session.run("python", "-m", "retention_train.train", f"--out_dir={out / 'out'}", f"--data_root={out / 'data'}",
+                "--cpu_threads=1", *session.posargs, env=env)
+    session.run("python", "-m", "retention_train.sample", f"--out_dir={out / 'out'}", "--max_new_tokens=300",
+                "--report_timing", env=env)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check."""
     session.install("ruff>=0.6")
