@@ -310,6 +310,12 @@ def main():
         log(f"| {r['deg']} | {r['t']} | {r['b']} | {r['chunk']} | {r['fwd_ms']:.3f} | {r['sdpa_fwd_ms']:.3f} | "
             f"{r['speedup_fwd']:.2f} | {r['fwdbwd_ms']:.3f} | {r['sdpa_fwdbwd_ms']:.3f} | {r['speedup_fwdbwd']:.2f} | "
             f"{r['matmul_frac_fwd']:.2f} / {r['matmul_frac_fwdbwd']:.2f} | {r['peak_extra_gib']:.2f} |")
+    from retention_kernels.triton import function
+
+    for name in ("_TUNED_STATE", "_TUNED_OUTPUT", "_TUNED_QUERY_GRAD", "_TUNED_KEY_VALUE_GRAD"):
+        tuned = getattr(function, name, None)
+        if tuned is not None:
+            log(f"{name}: " + "; ".join(f"{k}: {v}" for k, v in tuned.cache.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, matmul_tflops=rate, checks=results, timing=rows), f, indent=1)

@@ -333,7 +333,9 @@ def _config(num_warps, num_stages, **meta):
 _SHAPE_KEY = ["C", "d", "e", "NP"]
 _TUNED_STATE = _autotuned(
     pair_state_kernel,
-    [_config(8, 3, BT=64, BU=16), _config(4, 3, BT=64, BU=8), _config(8, 2, BT=128, BU=8)],
+    [_config(8, 3, BT=64, BU=16, PHI_T=True), _config(4, 3, BT=64, BU=8, PHI_T=True),
+     _config(8, 3, BT=64, BU=16, PHI_T=False), _config(4, 3, BT=64, BU=8, PHI_T=False),
+     _config(8, 2, BT=128, BU=8, PHI_T=True)],
     [*_SHAPE_KEY, "hx", "h", "BACKWARD", "HAS_GATE", "HAS_INIT"],
 )
 _TUNED_OUTPUT = _autotuned(
@@ -352,7 +354,7 @@ _TUNED_KEY_VALUE_GRAD = _autotuned(
     [*_SHAPE_KEY, "hq", "h", "HAS_GATE"],
 )
 # Under the interpreter (CPU): large blocks mean fewer (slow) Python-level programs.
-_INTERPRETER_META = dict(BT=32, BU=16, BQ=32, BK=32)
+_INTERPRETER_META = dict(BT=32, BU=16, BQ=32, BK=32, PHI_T=True)
 
 
 # False: every GPU launch takes the first config of its list (no tuning runs; the checks set it to save compiles).
@@ -390,7 +392,7 @@ def _pair_state_pass(X, V, delta, G, log_G, layout, plan, init, init_M, states, 
     constants = dict(BACKWARD=backward, HAS_GATE=has_gate, HAS_INIT=has_init, **_pair_constants(X, plan, layout))
     def grid(meta):
         return (layout.NP * (16 // meta["BU"]) + 1, b * h)
-    _launch(_TUNED_STATE, pair_state_kernel, grid, args, constants, ("BT", "BU"))
+    _launch(_TUNED_STATE, pair_state_kernel, grid, args, constants, ("BT", "BU", "PHI_T"))
 
 
 def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int):

@@ -59,7 +59,7 @@ def pair_state_kernel(
     t, hx, h, d, e, n_chunks, C, T_pad, NP, query_factor,
     BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr,
     BT: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr,
-    PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr, PHI_T: tl.constexpr,
 ):
     """Grid ``(NP * 16 / BU + 1, b * h)``: programs below ``NP * 16 / BU`` own ``[16 BU, e]`` state tiles, the
     last one the ``[DP, DP]`` key-sum matrix. Forward: X = K, V = V; backward: X = Q (``hx = hq`` heads, the
@@ -108,10 +108,6 @@ def pair_state_kernel(
                     local = js + tl.arange(0, BT)
                     rows = c * C + local
                     row_mask = (local < C) & (rows < t)
-                    xi = tl.load(x_base + rows[:, None] * sx_t + coord_i[None, :] * sx_d,
-                                 mask=row_mask[:, None] & (coord_i < d)[None, :], other=0.0).to(tl.float32)
-                    xj = tl.load(x_base + rows[:, None] * sx_t + coord_j[None, :] * sx_d,
-                                 mask=row_mask[:, None] & (coord_j < d)[None, :], other=0.0).to(tl.float32)
                     row_weight = tl.full((BT,), 1.0, tl.float32) * weight
                     if BACKWARD:
                         row_weight = row_weight * query_factor
@@ -121,10 +117,22 @@ def pair_state_kernel(
                             row_weight = row_weight * tl.exp(g)
                         else:
                             row_weight = row_weight * tl.exp(g_last - g)
-                    phi = _outer(xi * row_weight[:, None], xj, BT, BU).to(OP)
                     v = tl.load(v_base + rows[:, None] * sv_t + columns[None, :] * sv_e,
                                 mask=row_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-                    contribution += tl.dot(tl.trans(phi), v, input_precision=PRECISION)
+                    if PHI_T:  # phi^T [16 BU, BT] built directly from transposed loads (no transpose of phi)
+                        xi_t = tl.load(x_base + coord_i[:, None] * sx_d + rows[None, :] * sx_t,
+                                       mask=(coord_i < d)[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+                        xj_t = tl.load(x_base + coord_j[:, None] * sx_d + rows[None, :] * sx_t,
+                                       mask=(coord_j < d)[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+                        phi_t = tl.reshape((xi_t * row_weight[None, :])[:, None, :] * xj_t[None, :, :], (BU * 16, BT))
+                        contribution += tl.dot(phi_t.to(OP), v, input_precision=PRECISION)
+                    else:
+                        xi = tl.load(x_base + rows[:, None] * sx_t + coord_i[None, :] * sx_d,
+                                     mask=row_mask[:, None] & (coord_i < d)[None, :], other=0.0).to(tl.float32)
+                        xj = tl.load(x_base + rows[:, None] * sx_t + coord_j[None, :] * sx_d,
+                                     mask=row_mask[:, None] & (coord_j < d)[None, :], other=0.0).to(tl.float32)
+                        phi = _outer(xi * row_weight[:, None], xj, BT, BU).to(OP)
+                        contribution += tl.dot(tl.trans(phi), v, input_precision=PRECISION)
             if HAS_GATE:
                 acc = acc * tl.exp(g_last)
             acc += contribution
