@@ -24,6 +24,7 @@
           numpy = "1.24";
           numba = "0.59";
           scipy = "1.10";
+          threadpoolctl = "3";
           triton = "3.2";
           tqdm = "4.66";
           matplotlib = "3.7";
@@ -37,6 +38,7 @@
         numpy = checked "numpy" py.numpy;
         numba = checked "numba" py.numba;
         scipy = checked "scipy" py.scipy;
+        threadpoolctl = checked "threadpoolctl" py.threadpoolctl;
         tqdm = checked "tqdm" py.tqdm;
         matplotlib = checked "matplotlib" py.matplotlib;
         hatchling = checked "hatchling" py.hatchling;
@@ -57,7 +59,7 @@
             doCheck = false;
           };
 
-        retention-core = monorepoPackage "retention-core" [ torch numpy numba scipy ];
+        retention-core = monorepoPackage "retention-core" [ torch numpy numba scipy threadpoolctl ];
         retention-kernels = monorepoPackage "retention-kernels" ([ retention-core ] ++ triton);
         retention-train = monorepoPackage "retention-train" [ retention-core numpy tqdm matplotlib ];
         retention = monorepoPackage "retention" ([ retention-core ]
@@ -72,7 +74,7 @@
         devShells.default = pkgs.mkShell {
           packages = [
             (python.withPackages (ps: [
-              torch numpy numba scipy tqdm matplotlib hatchling
+              torch numpy numba scipy threadpoolctl tqdm matplotlib hatchling
               ps.pytest ps.hypothesis ps.pytest-timeout ps.pyyaml
               ps.nox ps.build ps.twine ps.packaging ps.pypiserver ps.editables
               ps.mkdocs-material
