@@ -25,18 +25,19 @@ def problems(draw, dtypes=tuple(DTYPES)):
     """Keyword arguments of ``random_inputs`` plus ``deg`` and ``chunk_size`` for ``power_retention``."""
     dtype = DTYPES[draw(st.sampled_from(dtypes))]
     deg = draw(st.integers(1, 4) if dtype in (torch.float32, torch.float64) else st.sampled_from([2, 4]))
-    # d = 1, or t = 1 without a state, make some gradients identically zero (with d = 1, q^p cancels from
-    # y), where a relative error is meaningless; test_api covers t = 1 with a state.
+    # d = 1, very short sequences and very strong gates make gradients zero up to rounding (with d = 1, q^p
+    # cancels from y; a row whose earlier keys are gated away has y = v), where a relative error compares only
+    # rounding noise of different algorithms. test_api covers t = 1, 2 and gates of -20 per step directly.
     d = draw(st.sampled_from([2, 3, 4, 8, 16] if deg < 4 else [2, 4, 8]))
     h = draw(st.integers(1, 2))
-    t = draw(st.integers(1, 40))
-    gate_strength = draw(st.sampled_from([0.0, 0.1, 1.0, 5.0, 20.0]))
+    t = draw(st.integers(4, 40))
+    gate_strength = draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]))  # log_G down to about -20 per step
     return {
         "inputs": {
             "b": draw(st.integers(1, 2)), "t": t, "h": h, "hq": h * draw(st.integers(1, 3)), "d": d,
             "e": draw(st.sampled_from([1, 3, d])), "dtype": dtype, "deg": deg,
             "gating": gate_strength > 0, "gate_strength": gate_strength,
-            "magnitude": draw(st.sampled_from([0.5, 1.0, 2.0])), "state": t == 1 or draw(st.booleans()),
+            "magnitude": draw(st.sampled_from([0.5, 1.0, 2.0])), "state": draw(st.booleans()),
             "offset": 1.0 if deg % 2 else 0.0,
             "generator": torch.Generator().manual_seed(draw(st.integers(0, 2**31))),
         },
