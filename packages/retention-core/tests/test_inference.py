@@ -28,16 +28,6 @@ def feed(cache: PowerRetentionCache, inputs: dict, steps: list[int]) -> torch.Te
     return torch.cat(outputs, 1)
 
 
-def cache_inputs(**kwargs) -> dict:
-    """``random_inputs`` with gates rounded to fp32: the cache keeps its window's gates in fp32, so float64
-    checks of the cache must not depend on that rounding."""
-    inputs = random_inputs(**kwargs)
-    if "log_G" in inputs:
-        inputs["log_G"] = inputs["log_G"].float().to(inputs["Q"].dtype if inputs["Q"].dtype == torch.float64
-                                                      else torch.float32)
-    return inputs
-
-
 def assert_matches_oracle(Y: torch.Tensor, inputs: dict, **kwargs) -> None:
     oracle = power_retention_quadratic(**inputs, **kwargs)
     dtype = inputs["Q"].dtype
@@ -68,7 +58,7 @@ def test_cache_equals_training_forward(backend, steps, gating, static, generator
 
 
 def test_cache_state_is_the_training_state_at_the_last_fold(backend, exact, generator):
-    inputs = cache_inputs(b=2, t=21, hq=2, h=2, d=4, dtype=exact.dtype, generator=generator)
+    inputs = random_inputs(b=2, t=21, hq=2, h=2, d=4, dtype=exact.dtype, generator=generator)
     cache = PowerRetentionCache(switch_over_seq_len=5, backend=backend)
     feed(cache, inputs, [2, 1, 1, 3, 1, 4, 2, 1, 1, 5])  # windows of 7, 5, 9: folded after 7, 12, 21
     _, state, keys = power_retention_quadratic(**inputs, return_final_state=True)
@@ -91,7 +81,7 @@ def test_cache_low_precision(backend, dtype, generator):
 
 @pytest.mark.parametrize("deg", [1, 3, 4])
 def test_cache_degrees(backend, exact, deg, generator):
-    inputs = cache_inputs(b=1, t=14, hq=2, h=1, d=4, dtype=exact.dtype, deg=deg, offset=0.7 if deg % 2 else 0.0,
+    inputs = random_inputs(b=1, t=14, hq=2, h=1, d=4, dtype=exact.dtype, deg=deg, offset=0.7 if deg % 2 else 0.0,
                            generator=generator)
     cache = PowerRetentionCache(deg=deg, scale=0.6, switch_over_seq_len=4, backend=backend)
     Y = feed(cache, inputs, [3] + [1] * 11)
@@ -161,7 +151,7 @@ def test_inference_outputs_in_query_dtype(backend, generator):
 
 
 def test_cache_select_reorders_the_batch(backend, exact, generator):
-    inputs = cache_inputs(b=3, t=12, hq=2, h=1, d=4, dtype=exact.dtype, generator=generator)
+    inputs = random_inputs(b=3, t=12, hq=2, h=1, d=4, dtype=exact.dtype, generator=generator)
     order = torch.tensor([2, 0, 0])
     cache = PowerRetentionCache(switch_over_seq_len=4, backend=backend)
     feed(cache, {name: x[:, :7] for name, x in inputs.items()}, [3, 1, 1, 1, 1])  # a state and a window
@@ -172,7 +162,7 @@ def test_cache_select_reorders_the_batch(backend, exact, generator):
 
 
 def test_cache_save_and_load_resume_generation(backend, exact, generator, tmp_path):
-    inputs = cache_inputs(b=1, t=10, hq=2, h=2, d=4, dtype=exact.dtype, generator=generator)
+    inputs = random_inputs(b=1, t=10, hq=2, h=2, d=4, dtype=exact.dtype, generator=generator)
     cache = PowerRetentionCache(switch_over_seq_len=4, backend=backend)
     feed(cache, {name: x[:, :6] for name, x in inputs.items()}, [2, 1, 1, 1, 1])
     cache.save(tmp_path / "cache.pt")
