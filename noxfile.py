@@ -83,3 +83,24 @@ def release_e2e(session: nox.Session) -> None:
     """The release end-to-end test alone: a local pypiserver, `make release-test` against it, fresh venvs."""
     install_local(session, "pytest>=8", *RELEASE_TEST_TOOLS)
     session.run("pytest", "packages/retention/tests/test_release_e2e.py", *session.posargs)
+
+
+# -- benchmarks and documentation (issue 6) --
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite on this machine's device (GPU protocol or scaled-down CPU suite): a table, and JSON,
+    CSV and PNG plots in benchmarks/results/. `nox -s bench -- --quick` for a short run; `-- --help`."""
+    install_local(session, "matplotlib>=3.7", "rich>=13")
+    session.run("python", "benchmarks/suite.py", *session.posargs,
+                env={"NUMBA_CACHE_DIR": str(ROOT / ".nox" / "numba-cache")})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site: `mkdocs build --strict` into site/, then every internal link of it checked.
+    (`mkdocs serve` from the repository root previews it; the examples run in the tests session.)"""
+    session.install("mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run("python", "docs/check_links.py", "site")

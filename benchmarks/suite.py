@@ -86,7 +86,7 @@ def default_config(device: str, quick: bool) -> Config:
                       list(PASSES), None, True, [1024, 4096, 16384, 65536], 1, 50, 0, 0, 8192, 0.6 * total_gb)
     if quick:
         return Config(device, "float32", 2048, [512, 2048], [2], [64], 4, ["fwd", "fwd+bwd"], None, True,
-                      [512, 4096], 1, 10, 1, 3, 1024, 3.0)
+                      [512, 4096], 1, 10, 1, 3, 2048, 3.0)
     return Config(device, "float32", 8192, [512, 1024, 2048, 4096, 8192], [2], [64], 4, list(PASSES), None, True,
                   [512, 2048, 8192], 1, 20, 1, 5, 2048, 6.0)
 
@@ -144,7 +144,7 @@ def matmul_tflops(config: Config) -> float:
     n = config.matmul_size
     a = torch.randn(n, n, device=config.device, dtype=config.torch_dtype)
     b = torch.randn(n, n, device=config.device, dtype=config.torch_dtype)
-    ms = median_ms(lambda: torch.matmul(a, b), config)
+    ms = median_ms(lambda: torch.matmul(a, b), dataclasses.replace(config, repeats=max(config.repeats, 5)))
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -287,7 +287,7 @@ def fla_simple_gla() -> Method:
     return Method("fla[simple_gla]", False, build, lambda case, config: None, depends_on_deg=False)
 
 
-def methods_for(config: Config, only: list[str] | None) -> tuple[list[Method], list[str]]:
+def methods_for(config: Config, only: list[str] | None, quick: bool) -> tuple[list[Method], list[str]]:
     """Every method that can run here, and a note for each that cannot."""
     methods, notes = [], []
     for name in retention.available_backends():
@@ -296,6 +296,10 @@ def methods_for(config: Config, only: list[str] | None) -> tuple[list[Method], l
             notes.append(f"retention[{name}] skipped: {reason}")
         else:
             methods.append(ours(name))
+    if quick and len(methods) > 1 and not any("reference" in pattern for pattern in only or []):
+        # The reference is the differentiable oracle, not a fast path: it takes most of a quick run's time.
+        methods = [m for m in methods if m.name != "retention[reference]"]
+        notes.append("retention[reference] not run with --quick (add --methods retention[reference] to run it)")
     if config.device == "cuda":
         methods += [sdpa(kernel) for kernel in SDPA_BACKENDS]
         for factory, package in ((flash_attn, "flash-attn"), (fla_simple_gla, "fla (flash-linear-attention)")):
@@ -616,7 +620,8 @@ def parse_ints(text: str) -> list[int]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a one-minute run (fewer shapes and passes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: fewer shapes and passes, no reference backend")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
@@ -664,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = device_name(device)
     console.print(f"retention {retention.__version__} on {name}, torch {torch.__version__}; "
                   f"backends: {', '.join(retention.available_backends())}", markup=False)
-    methods, notes = methods_for(config, args.methods)
+    methods, notes = methods_for(config, args.methods, args.quick)
     torch.manual_seed(0)
     matmul = matmul_tflops(config)
     console.print(f"measured matmul rate ({config.matmul_size}^3 {config.dtype}): {matmul:.2f} TFLOP/s")

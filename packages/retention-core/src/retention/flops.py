@@ -66,7 +66,10 @@ def power_retention_cost(
     writes Y; backward reads those and dY and writes dQ, dK, dV and d``log_G``; ``fwd+bwd`` is the sum.
 
     Args:
-        b, t, hq, d: batch, sequence length, query heads, head dim.
+        b: batch size.
+        t: sequence length.
+        hq: query heads.
+        d: head dim of queries and keys.
         h: key/value heads (default ``hq``); ``hq`` must be a multiple of ``h``.
         e: value head dim (default ``d``).
         deg: the power ``p``.
