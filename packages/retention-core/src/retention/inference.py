@@ -61,9 +61,11 @@ def power_retention_inference(
 
     Args:
         Q: ``[b, tq, hq, d]``, aligned to the end of the window (``tq <= w`` when a window is given).
-        K, V: ``[b, w, h, d]``, ``[b, w, h, e]``: the window since the last fold, or None with a state.
+        K: ``[b, w, h, d]``: the window's keys since the last fold, or None with a state.
+        V: ``[b, w, h, e]``: the window's values (None when K is).
         log_G: ``[b, w, h]`` log gates of the window.
-        initial_state, sum_of_keys: the state before the window (``[b, h, D, e]``, ``[b, h, D]``), or None.
+        initial_state: the state before the window, ``[b, h, D, e]`` (or a ``(state, sum_of_keys)`` pair), or None.
+        sum_of_keys: ``[b, h, D]``, with a state tensor.
         switch_over_seq_len: when ``w >= switch_over_seq_len`` the window is folded into the returned state
             and the caller drops it. ``None`` never folds.
 
@@ -187,9 +189,13 @@ class PowerRetentionCache:
     read back from the device) to decide when the window is full and folds. Results equal the dynamic mode's.
 
     Attributes:
-        window_K ``[b, w, h, d]``, window_V ``[b, w, h, e]``, window_log_G ``[b, w, h]`` fp32 (or None),
-        state ``[b, h, D, e]``, sum_of_keys ``[b, h, D]`` (None before the first fold in dynamic mode),
-        position (tokens seen); static mode: ``w = W`` and window_length.
+        window_K: ``[b, w, h, d]`` keys since the last fold (static mode: ``w = W``, the buffer).
+        window_V: ``[b, w, h, e]`` values since the last fold.
+        window_log_G: ``[b, w, h]`` log gates in the compute dtype, or None without gating.
+        state: ``[b, h, D, e]`` (None before the first fold in dynamic mode).
+        sum_of_keys: ``[b, h, D]`` (None before the first fold in dynamic mode).
+        position: tokens seen.
+        window_length: static mode only: the number of valid steps in the window buffers.
     """
 
     def __init__(self, deg: int = 2, scale: float | None = None, switch_over_seq_len: int = 512,
