@@ -43,8 +43,9 @@ def default_chunk_size(t: int, d: int, deg: int) -> int:
     if deg == 1:
         return min(t, 128)
     if d < 64:
-        # d=32 with C=1024 hit an illegal memory access in output_kernel on an H200 (Triton 3.6, unexplained,
-        # clean under the interpreter); C=256 ran and matched the oracle there.
+        # The state is small (D_int = 768 for d=32), so the intra block dominates sooner. (d=32 with C=1024 once
+        # hit an illegal memory access in the minimal-layout output kernel on an H200; the deg-2 pair kernels
+        # passed that case on the H200 in the bf16 check. The chunk for d < 64 is not tuned yet.)
         return min(t, 256)
     return min(t, 1024)  # measured on an H200 (bf16, d=64): 1024 beats 256 and 512 and stores 4x fewer states
 
@@ -468,10 +469,11 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     if has_gate:
         # dG_i = dN'_i . N'_i - v'_i . dv'_i; the query side den_i (dn_i . y_i + delta_i) is exactly 0 with
         # delta = -(dn . y), so only the key side remains (+ the final state's term on the last step).
-        dG = -dG_keys
+        # fp64 for the sums: the reverse cumulative sum nearly cancels (shifting every gate changes nothing).
+        dG = -dG_keys.double()
         if has_final_grad:  # <dS_int, S_int> = <dS_min, S_min>: the conversion is an isometry
-            dG[:, -1] += (d_final * final).sum((-2, -1)) + (d_final_M * final_M).sum((-2, -1))
-        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+            dG[:, -1] += (d_final.double() * final).sum((-2, -1)) + (d_final_M.double() * final_M).sum((-2, -1))
+        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).float().contiguous()
     return dQ, dK, dV, d_log_G, d_init, d_init_M
 
 
