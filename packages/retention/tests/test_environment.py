@@ -221,7 +221,8 @@ in {
   shell = builtins.length (builtins.head outputs.devShells.default.packages);
 }
 """
-NIXPKGS_VERSIONS = {"torch": "2.13.0", "numpy": "2.4.6", "numba": "0.68.1", "scipy": "1.17.1", "threadpoolctl": "3.8.0", "triton": "3.9.0",
+NIXPKGS_VERSIONS = {"torch": "2.13.0", "numpy": "2.4.6", "numba": "0.68.1", "scipy": "1.17.1", "threadpoolctl": "3.8.0",
+                    "triton": "3.9.0",
                     "tqdm": "4.70.1", "matplotlib": "3.11.2", "hatchling": "1.33.0", "pytest": "9.2.0",
                     "hypothesis": "6.170.15", "pytest-timeout": "2.4.0", "pyyaml": "6.0.3", "nox": "2026.10.20",
                     "build": "1.6.1", "twine": "7.0.0", "packaging": "26.3", "pypiserver": "2.4.2",
