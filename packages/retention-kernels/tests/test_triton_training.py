@@ -169,3 +169,21 @@ def test_pair_layout_is_an_isometry(d):
     torch.testing.assert_close((sympow(x, 2) * z).sum(-1), torch.einsum("ni,ij,nj->n", torch.nn.functional.pad(
         x, (0, layout.DP - d)), M.reshape(layout.DP, -1), torch.nn.functional.pad(x, (0, layout.DP - d))))
     torch.testing.assert_close((M[layout.z_index1] + M[layout.z_index2]) * layout.z_coef.double(), z)
+
+
+def test_compiles_without_graph_break(interpreter):
+    """``torch.compile(fullgraph=True)`` over the custom ops (deg 2: states converted inside the op), fwd + bwd."""
+    from retention_kernels.triton import power_retention_triton
+
+    inputs = random_inputs(b=1, t=20, hq=2, h=1, d=16, dtype=torch.float32, device=interpreter, state=True,
+                           requires_grad=True)
+    args = [inputs[n] for n in NAMES]
+
+    def loss(Q, K, V, log_G, state, sum_of_keys):
+        Y, S, z = power_retention_triton(Q, K, V, log_G, state, sum_of_keys, chunk_size=8)
+        return Y.square().sum() + S.square().sum() + z.sum()
+
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args), args)
+    eager = torch.autograd.grad(loss(*args), args)
+    for name, c, e in zip(NAMES, compiled, eager):
+        torch.testing.assert_close(c, e, msg=f"d{name}")

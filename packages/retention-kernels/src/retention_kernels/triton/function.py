@@ -426,8 +426,9 @@ def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int):
     return Y, den, final, final_M, states, Ms, G
 
 
-def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M,
+def _pair_backward(dY, d_final, d_final_M, final_inner, Q, K, V, log_G, G, Y, den, states, Ms,
                    has_state: bool, scale: float, chunk_size: int):
+    """``final_inner [b, h]``: <dS_final, S_final> + <dz_final, z_final> (None without a final-state gradient)."""
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, 2, chunk_size)
@@ -436,14 +437,11 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     has_gate = log_G is not None
     dn, delta = _output_cotangent(dY, Y, den, plan.operand)
 
-    has_final_grad = d_final is not None or d_final_M is not None
-    if has_final_grad:
-        d_final = torch.zeros_like(final) if d_final is None else d_final.float().contiguous()
-        d_final_M = torch.zeros_like(final_M) if d_final_M is None else d_final_M.float().contiguous()
+    has_final_grad = d_final is not None
     d_states = _new(*states.shape, device=device, dtype=states.dtype)
     d_Ms = _new(*Ms.shape, device=device)
-    d_init = _new(*final.shape, device=device)
-    d_init_M = _new(*final_M.shape, device=device)
+    d_init = _new(b, h, layout.DI, e, device=device)
+    d_init_M = _new(b, h, layout.DP, layout.DP, device=device)
     _pair_state_pass(Q, dn, delta, G, log_G, layout, plan, d_final if has_final_grad else None, d_final_M,
                      d_states, d_Ms, d_init, d_init_M, h, scale, backward=True)
 
@@ -471,8 +469,8 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
         # delta = -(dn . y), so only the key side remains (+ the final state's term on the last step).
         # fp64 for the sums: the reverse cumulative sum nearly cancels (shifting every gate changes nothing).
         dG = -dG_keys.double()
-        if has_final_grad:  # <dS_int, S_int> = <dS_min, S_min>: the conversion is an isometry
-            dG[:, -1] += (d_final.double() * final).sum((-2, -1)) + (d_final_M.double() * final_M).sum((-2, -1))
+        if has_final_grad:
+            dG[:, -1] += final_inner
         d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).float().contiguous()
     return dQ, dK, dV, d_log_G, d_init, d_init_M
 
@@ -572,82 +570,123 @@ torch.library.register_autograd(
 )
 
 
+def _to_internal(layout, state, keys):
+    """Minimal ``state [b, h, Dm, e]``, ``keys [b, h, Dm]`` -> ``(A state, M(keys))`` (fp32, contiguous). The same
+    maps carry final-state cotangents inwards (A is an isometry; M() is the transpose of _to_minimal's key map)."""
+    b, h = state.shape[:2]
+    internal = (state.float()[..., layout.src, :] * layout.coef[:, None]).contiguous()
+    M = (keys.float()[..., layout.m_index] * layout.m_coef).reshape(b, h, layout.DP, layout.DP).contiguous()
+    return internal, M
+
+
+def _to_minimal(layout, internal, M):
+    """Internal ``[b, h, DI, e]`` state and ``[b, h, DP, DP]`` key matrix -> the minimal layout (``A^T``), fp32."""
+    b, h = internal.shape[:2]
+    state = (internal[..., layout.src1, :] * layout.coef1[:, None]
+             + internal[..., layout.src2, :] * layout.coef2[:, None])
+    flat = M.reshape(b, h, layout.DP * layout.DP)
+    return state, (flat[..., layout.z_index1] + flat[..., layout.z_index2]) * layout.z_coef
+
+
+# The states cross these ops in the minimal layout (converted inside, so the graph sees no table building).
 @torch.library.custom_op("retention_kernels::pair_retention_fwd", mutates_args=())
 def _pair_forward_op(
     Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor | None,
-    state: torch.Tensor | None, M0: torch.Tensor | None, scale: float, chunk_size: int,
+    state: torch.Tensor | None, sum_of_keys: torch.Tensor | None, scale: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _pair_forward(Q, K, V, log_G, state, M0, scale, chunk_size)
+    layout = _pair_layout(Q.shape[3], Q.device)
+    init = init_M = None
+    if state is not None:
+        keys = sum_of_keys if sum_of_keys is not None else state.new_zeros(state.shape[:3], dtype=torch.float32)
+        init, init_M = _to_internal(layout, state, keys)
+    Y, den, final, final_M, states, Ms, G = _pair_forward(Q, K, V, log_G, init, init_M, scale, chunk_size)
+    final_state, final_keys = _to_minimal(layout, final, final_M)
+    return Y, den, final_state, final_keys, states, Ms, G
 
 
 @_pair_forward_op.register_fake
-def _(Q, K, V, log_G, state, M0, scale, chunk_size):
+def _(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, 2, chunk_size)
     DP = next_power_of_2(d)
     DI = 256 * ((-(-d // 16)) * (-(-d // 16) + 1) // 2)
+    D = sympow_dim(d, 2)
     new = Q.new_empty
     G = new(b, h, plan.T_pad, dtype=torch.float32) if log_G is not None else new(0, dtype=torch.float32)
     state_dtype = torch.bfloat16 if Q.dtype == torch.bfloat16 else torch.float32
     return (
         new(b, t, hq, e), new(b, t, hq, dtype=torch.float32),
-        new(b, h, DI, e, dtype=torch.float32), new(b, h, DP, DP, dtype=torch.float32),
+        new(b, h, D, e, dtype=torch.float32), new(b, h, D, dtype=torch.float32),
         new(b * h, plan.n, DI, e, dtype=state_dtype), new(b * h, plan.n, DP, DP, dtype=torch.float32), G,
     )
 
 
 @torch.library.custom_op("retention_kernels::pair_retention_bwd", mutates_args=())
 def _pair_backward_op(
-    dY: torch.Tensor, d_final: torch.Tensor | None, d_final_M: torch.Tensor | None,
+    dY: torch.Tensor, d_final_state: torch.Tensor | None, d_final_keys: torch.Tensor | None,
     Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor | None, G: torch.Tensor,
     Y: torch.Tensor, den: torch.Tensor, states: torch.Tensor, Ms: torch.Tensor,
-    final: torch.Tensor, final_M: torch.Tensor, has_state: bool, scale: float, chunk_size: int,
+    final_state: torch.Tensor, final_keys: torch.Tensor, has_state: bool, scale: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = _pair_layout(Q.shape[3], Q.device)
+    d_final = d_final_M = final_inner = None
+    if d_final_state is not None or d_final_keys is not None:
+        dS = torch.zeros_like(final_state) if d_final_state is None else d_final_state.float()
+        dz = torch.zeros_like(final_keys) if d_final_keys is None else d_final_keys.float()
+        d_final, d_final_M = _to_internal(layout, dS, dz)
+        # the final state's gate term <dS', S'>, in fp64 (it joins a nearly cancelling reverse sum)
+        final_inner = (dS.double() * final_state).sum((-2, -1)) + (dz.double() * final_keys).sum(-1)
     dQ, dK, dV, d_log_G, d_init, d_init_M = _pair_backward(
-        dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M, has_state, scale, chunk_size,
+        dY, d_final, d_final_M, final_inner, Q, K, V, log_G, G, Y, den, states, Ms, has_state, scale, chunk_size,
     )
+    d_state0, d_keys0 = _to_minimal(layout, d_init, d_init_M)
     if d_log_G is None:
         d_log_G = Q.new_empty(0, dtype=torch.float32)
-    return dQ, dK, dV, d_log_G, d_init, d_init_M
+    return dQ, dK, dV, d_log_G, d_state0, d_keys0
 
 
 @_pair_backward_op.register_fake
-def _(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M, has_state, scale,
-      chunk_size):
+def _(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys,
+      has_state, scale, chunk_size):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     new = Q.new_empty
     d_log_G = new(b, t, h, dtype=torch.float32) if log_G is not None else new(0, dtype=torch.float32)
     return (
         new(b, t, hq, d), K.new_empty(b, t, h, d), V.new_empty(b, t, h, e), d_log_G,
-        torch.empty_like(final), torch.empty_like(final_M),
+        torch.empty_like(final_state), torch.empty_like(final_keys),
     )
 
 
 def _pair_setup_context(ctx, inputs, output):
-    Q, K, V, log_G, state, M0, scale, chunk_size = inputs
-    Y, den, final, final_M, states, Ms, G = output
-    ctx.save_for_backward(Q, K, V, log_G, G, Y, den, states, Ms, final, final_M)
+    Q, K, V, log_G, state, sum_of_keys, scale, chunk_size = inputs
+    Y, den, final_state, final_keys, states, Ms, G = output
+    ctx.save_for_backward(Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys)
     ctx.mark_non_differentiable(den, states, Ms, G)
     ctx.set_materialize_grads(False)
     ctx.meta = (state is not None, scale, chunk_size)
-    ctx.gate_dtype = None if log_G is None else log_G.dtype
+    ctx.dtypes = (
+        None if state is None else state.dtype, None if sum_of_keys is None else sum_of_keys.dtype,
+        None if log_G is None else log_G.dtype,
+    )
 
 
-def _pair_backward_autograd(ctx, dY, d_den, d_final, d_final_M, d_states, d_Ms, d_G):
-    Q, K, V, log_G, G, Y, den, states, Ms, final, final_M = ctx.saved_tensors
+def _pair_backward_autograd(ctx, dY, d_den, d_final_state, d_final_keys, d_states, d_Ms, d_G):
+    Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys = ctx.saved_tensors
     has_state, scale, chunk_size = ctx.meta
     if dY is None:
         dY = torch.zeros_like(Y)
-    dQ, dK, dV, d_log_G, d_init, d_init_M = _pair_backward_op(
-        dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, final, final_M, has_state, scale,
-        chunk_size,
+    dQ, dK, dV, d_log_G, d_state0, d_keys0 = _pair_backward_op(
+        dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys,
+        has_state, scale, chunk_size,
     )
+    state_dtype, keys_dtype, gate_dtype = ctx.dtypes
     return (
         dQ, dK, dV,
-        None if log_G is None else d_log_G.to(ctx.gate_dtype),
-        d_init if has_state else None, d_init_M if has_state else None,
+        None if log_G is None else d_log_G.to(gate_dtype),
+        None if state_dtype is None else d_state0.to(state_dtype),
+        None if keys_dtype is None else d_keys0.to(keys_dtype),
         None, None,
     )
 
@@ -655,23 +694,6 @@ def _pair_backward_autograd(ctx, dY, d_den, d_final, d_final_M, d_states, d_Ms, 
 torch.library.register_autograd(
     "retention_kernels::pair_retention_fwd", _pair_backward_autograd, setup_context=_pair_setup_context
 )
-
-
-def _pair_retention(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size):
-    """deg 2 through the block-pair kernels; the states cross in the minimal layout (differentiable gathers)."""
-    b, h, d = Q.shape[0], K.shape[2], Q.shape[3]
-    layout = _pair_layout(d, Q.device)
-    init = init_M = None
-    if state is not None:
-        init = state.float()[..., layout.src, :] * layout.coef[:, None]
-        keys = sum_of_keys.float() if sum_of_keys is not None else state.new_zeros(state.shape[:3], dtype=torch.float32)
-        init_M = (keys[..., layout.m_index] * layout.m_coef).reshape(b, h, layout.DP, layout.DP)
-    Y, _den, final, final_M, _states, _Ms, _G = _pair_forward_op(Q, K, V, log_G, init, init_M, scale, chunk_size)
-    final_state = (final[..., layout.src1, :] * layout.coef1[:, None]
-                   + final[..., layout.src2, :] * layout.coef2[:, None])
-    flat = final_M.reshape(b, h, layout.DP * layout.DP)
-    final_keys = (flat[..., layout.z_index1] + flat[..., layout.z_index2]) * layout.z_coef
-    return Y, final_state, final_keys
 
 
 def power_retention_triton(Q, K, V, log_G=None, state=None, sum_of_keys=None, deg=2, scale=None,
@@ -689,7 +711,10 @@ def power_retention_triton(Q, K, V, log_G=None, state=None, sum_of_keys=None, de
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
     if deg == 2 and PAIR_LAYOUT:
-        return _pair_retention(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size)
+        Y, _den, final_state, final_keys, _states, _Ms, _G = _pair_forward_op(
+            Q, K, V, log_G, state, sum_of_keys, scale, chunk_size
+        )
+        return Y, final_state, final_keys
     Y, _den, final_state, final_keys, _states, _key_states, _G = _forward_op(
         Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size
     )
