@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import zlib
 from typing import NamedTuple
 
 import pytest
@@ -71,17 +70,3 @@ def require_dtype(backend):
             pytest.skip(f"backend {backend!r} does not take {dtype} inputs")
 
     return require
-
-
-def seed_of(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
-
-
-@pytest.fixture(autouse=True)
-def _seed_torch(request):
-    torch.manual_seed(seed_of(request))
-
-
-@pytest.fixture
-def generator(request) -> torch.Generator:
-    return torch.Generator().manual_seed(seed_of(request))
