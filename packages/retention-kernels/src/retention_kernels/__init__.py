@@ -51,5 +51,9 @@ def backends() -> list:
     """The backends this package provides (``retention.backends.Backend`` objects)."""
     from retention.backends import Backend
 
-    return [Backend("triton", 20, _triton_supports, _triton_forward, attend_window=_triton_attend_window,
-                    decode_step=_triton_decode_step)]
+    from .cuda import cuda_backend
+
+    found = [Backend("triton", 20, _triton_supports, _triton_forward, attend_window=_triton_attend_window,
+                     decode_step=_triton_decode_step)]
+    cuda = cuda_backend()  # None when the CUDA library is not built (Triton-only install)
+    return found if cuda is None else [*found, cuda]
