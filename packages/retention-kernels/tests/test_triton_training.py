@@ -181,15 +181,15 @@ def test_pair_layout_is_an_isometry(d):
 
 
 def test_compiles_without_graph_break(interpreter):
-    """``torch.compile(fullgraph=True)`` over the custom ops (deg 2: states converted inside the op), fwd + bwd."""
-    from retention_kernels.triton import power_retention_triton
-
+    """``torch.compile(fullgraph=True)`` over the public API (validation, dispatch and the custom ops; deg 2:
+    states converted inside the op), fwd + bwd."""
     inputs = random_inputs(b=1, t=20, hq=2, h=1, d=16, dtype=torch.float32, device=interpreter, state=True,
                            requires_grad=True)
     args = [inputs[n] for n in NAMES]
 
     def loss(Q, K, V, log_G, state, sum_of_keys):
-        Y, S, z = power_retention_triton(Q, K, V, log_G, state, sum_of_keys, chunk_size=8)
+        Y, S, z = power_retention(Q, K, V, log_G, (state, sum_of_keys), return_final_state=True, chunk_size=8,
+                                  backend="triton")
         return Y.square().sum() + S.square().sum() + z.sum()
 
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args), args)
