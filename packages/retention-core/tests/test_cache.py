@@ -56,6 +56,27 @@ def test_prefill_then_decode_equals_training_forward(backend, generator, static,
     assert cache.window_size == ((t - prefill) % WINDOW if prefill >= WINDOW else t % WINDOW)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_then_decode_a_thousand_tokens(generator, dtype):
+    """Issue 4's acceptance test: prefill 100 tokens, then decode 1,000 one by one across 8 folds (window 128):
+    equal to the float64 oracle (fp32 tightly, bf16 by the tolerance rule) and to the training forward."""
+    from retention.testing import low_precision_baseline, plain_error
+
+    inputs = sequence(generator, b=1, t=1100, hq=4, h=2, d=16, dtype=dtype)
+    cache = PowerRetentionCache(switch_over_seq_len=128)
+    Y = run_cache(cache, inputs, [100] + [1] * 1000)
+    expected = oracle(inputs)
+    training = power_retention(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"])
+    if dtype == torch.float32:
+        baseline = 0.0
+    else:
+        baseline = plain_error(expected, low_precision_baseline(
+            {n: inputs[n] for n in ("Q", "K", "V", "log_G")}, dtype), output_dtype=dtype)
+    assert_close_to_oracle("Y", Y, expected, baseline, floor=TIGHT)
+    assert_close_to_oracle("Y vs training", Y, training.double(), baseline, floor=TIGHT)
+    assert cache.position == 1100 and cache.window_size == 1100 % 128
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_multi_token_steps_with_gating(generator, static):
     """Steps of several tokens (tq > 1, each query its own gate discount) mixed with single tokens."""
