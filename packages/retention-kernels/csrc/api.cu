@@ -27,7 +27,7 @@ RETENTION_API int retention_cuda_abi_version(void) { return 1; }
 
 RETENTION_API const char* retention_cuda_last_error(void) { return retention::last_error; }
 
-// The CMAKE_CUDA_ARCHITECTURES of this build, e.g. "80-real;90-real;90-virtual".
+// The CMAKE_CUDA_ARCHITECTURES of this build, comma-separated, e.g. "80-real,90-real,90-virtual".
 RETENTION_API const char* retention_cuda_archs(void) { return RETENTION_CUDA_ARCHS; }
 
 // The CUDA runtime version linked in (e.g. 13000), or a negative error code.

@@ -110,23 +110,39 @@ def test_fake_kernels_give_the_output_shapes():
 
 
 def test_import_without_a_gpu_falls_back():
-    """The "cuda" backend is registered exactly when the library loads; without a GPU it refuses with a reason,
-    "auto" passes over it, and backend="cuda" raises that reason."""
+    """The "cuda" backend is registered when the library loads and there is a GPU; without one the package
+    imports and dispatch sees Triton only; supports() still names the reason for CPU tensors."""
     names = [backend.name for backend in backends()]
-    assert ("cuda" in names) == (_library.load()[0] is not None)
+    assert ("cuda" in names) == (_library.load()[0] is not None and torch.cuda.is_available())
+    assert "triton" in names
     inputs = random_inputs(b=1, t=4, hq=2, h=1, d=8)
     problem = Problem(inputs["Q"], inputs["K"], inputs["V"], None, None, None, 2, 8**-0.5, None, False)
     assert supports(problem) == "the cuda backend runs on CUDA tensors, got device cpu"
-    if "cuda" in names:
-        with pytest.raises(ValueError, match="backend='cuda' cannot run this call: the cuda backend runs on CUDA "
-                                             "tensors, got device cpu"):
+    if not torch.cuda.is_available():
+        assert cuda_backend() is None
+        with pytest.raises(ValueError, match="backend='cuda' is not available: retention-kernels provides no 'cuda'"):
             power_retention(**inputs, backend="cuda")
     Y = power_retention(**inputs)  # auto: the CPU backend
     assert torch.isfinite(Y).all()
 
 
+def test_backend_registration_with_a_gpu(monkeypatch):
+    """With a GPU (faked here) the backend is registered at priority 30 with the CUDA inference ops."""
+    if _library.load()[0] is None:
+        assert cuda_backend() is None
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend = cuda_backend()
+    assert (backend.name, backend.priority) == ("cuda", 30)
+    assert backend.attend_window is not None and backend.decode_step is not None
+    inputs = random_inputs(b=1, t=4, hq=2, h=1, d=8)
+    problem = Problem(inputs["Q"], inputs["K"], inputs["V"], None, None, None, 2, 8**-0.5, None, False)
+    assert backend.supports(problem) == "the cuda backend runs on CUDA tensors, got device cpu"
+
+
 def test_missing_library_leaves_a_triton_only_package(tmp_path):
-    """With no (or a broken) library the package still imports: no "cuda" backend, and the reason is kept."""
+    """With no (or a broken) library the package still imports: no "cuda" backend, and the reason is kept
+    (even where a GPU is present)."""
     code = ("import retention_kernels, retention_kernels.cuda as c; "
             "print(sorted(b.name for b in retention_kernels.backends())); print(c.unavailable_reason())")
     env = {**os.environ, "RETENTION_CUDA_LIBRARY": str(tmp_path / "missing.so")}
@@ -161,7 +177,6 @@ def test_library_struct_mirrors_match():
     assert ctypes.sizeof(_library.AttendArgs) == 8 * (15 + 13 + 1 + 4 + 4 + 4 + 3 + 4 + 3 + 4 + 3 + 3 + 2 + 3)
     assert ctypes.sizeof(_library.StateQueryArgs) == 8 * (8 + 11 + 1 + 4 + 4 + 4 + 3 + 4 + 3)
     assert ctypes.sizeof(_library.FoldArgs) == 8 * (9 + 8 + 4 + 4 + 3 + 4 + 3 + 4 + 3)
-    assert cuda_backend() is None or cuda_backend().priority == 30
 
 
 @needs_nvcc
@@ -170,7 +185,7 @@ def test_platform_wheel_and_sdist(tmp_path):
     """sdist, then the wheel from it (one architecture, to keep CI short), auditwheel repair/show, twine check;
     then the same sdist without CUDA builds a pure Triton-only wheel."""
     dist, repaired = tmp_path / "dist", tmp_path / "repaired"
-    env = {**os.environ, "RETENTION_CUDA_ARCHS": "80", "MAX_JOBS": "2"}
+    env = {**os.environ, "RETENTION_CUDA_ARCHS": "80-real;80-virtual", "MAX_JOBS": "2"}  # a list, one arch
     run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, PACKAGE, env=env)
     (sdist,) = dist.glob("*.tar.gz")
     (wheel,) = dist.glob("*.whl")

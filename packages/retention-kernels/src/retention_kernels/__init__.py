@@ -55,5 +55,5 @@ def backends() -> list:
 
     found = [Backend("triton", 20, _triton_supports, _triton_forward, attend_window=_triton_attend_window,
                      decode_step=_triton_decode_step)]
-    cuda = cuda_backend()  # None when the CUDA library is not built (Triton-only install)
+    cuda = cuda_backend()  # None without the CUDA library (Triton-only install) or without a GPU
     return found if cuda is None else [*found, cuda]

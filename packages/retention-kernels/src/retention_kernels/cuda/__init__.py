@@ -1,6 +1,7 @@
 """The compiled CUDA kernels of retention-kernels (csrc/), loaded with ctypes, wrapped as torch custom ops.
 
-:func:`cuda_backend` is the ``"cuda"`` backend (priority 30, above Triton's 20) when the library loads: its
+:func:`cuda_backend` is the ``"cuda"`` backend (priority 30, above Triton's 20) when the library loads and a CUDA
+device is present (no GPU: no ``"cuda"`` backend, the package is Triton-only as far as dispatch sees): its
 ``attend_window`` and fused ``decode_step`` run the CUDA kernels; its training ``forward`` runs the Triton
 kernels (the CUDA state query, :func:`ops.state_query`, is not wired in until it beats the fused Triton output
 kernel). ``supports`` says why a problem cannot run (CPU tensors, a GPU below sm_80 or without compiled code
@@ -98,8 +99,8 @@ def _decode_step(*args):
 
 
 def cuda_backend():
-    """The ``"cuda"`` ``retention.backends.Backend``, or None when the library does not load."""
-    if not available():
+    """The ``"cuda"`` ``retention.backends.Backend``, or None when the library does not load or there is no GPU."""
+    if not available() or not torch.cuda.is_available():
         return None
     from retention.backends import Backend
 

@@ -119,7 +119,7 @@ def compiled_architectures() -> tuple[tuple[int, bool], ...]:
     PTX (``virtual``); a bare ``80`` is both."""
     text = library().retention_cuda_archs().decode()
     found = []
-    for item in filter(None, text.split(";")):
+    for item in filter(None, text.replace(";", ",").split(",")):
         number, _, kind = item.partition("-")
         number = int(number.rstrip("a"))
         if kind in ("", "real"):
