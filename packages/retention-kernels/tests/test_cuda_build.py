@@ -127,13 +127,14 @@ def test_import_without_a_gpu_falls_back():
 
 
 def test_backend_registration_with_a_gpu(monkeypatch):
-    """With a GPU (faked here) the backend is registered at priority 30 with the CUDA inference ops."""
+    """With a GPU (faked here) the backend is registered (below Triton until verified on a GPU) with the CUDA
+    inference ops."""
     if _library.load()[0] is None:
         assert cuda_backend() is None
         return
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     backend = cuda_backend()
-    assert (backend.name, backend.priority) == ("cuda", 30)
+    assert (backend.name, backend.priority) == ("cuda", 15)
     assert backend.attend_window is not None and backend.decode_step is not None
     inputs = random_inputs(b=1, t=4, hq=2, h=1, d=8)
     problem = Problem(inputs["Q"], inputs["K"], inputs["V"], None, None, None, 2, 8**-0.5, None, False)

@@ -199,7 +199,7 @@ in {
   };
   python311 = { pkgs = py; withPackages = select: select py; };
   mkShell = args: args;
-  ruff = { }; uv = { }; gnumake = { }; git = { };
+  ruff = { }; uv = { }; gnumake = { }; git = { }; cmake = { }; ninja = { };
 }
 """
 STUB_EVALUATION = """
@@ -226,7 +226,7 @@ NIXPKGS_VERSIONS = {"torch": "2.13.0", "numpy": "2.4.6", "numba": "0.68.1", "sci
                     "tqdm": "4.70.1", "matplotlib": "3.11.2", "hatchling": "1.33.0", "pytest": "9.2.0",
                     "hypothesis": "6.170.15", "pytest-timeout": "2.4.0", "pyyaml": "6.0.3", "nox": "2026.10.20",
                     "build": "1.6.1", "twine": "7.0.0", "packaging": "26.3", "pypiserver": "2.4.2",
-                    "mkdocs-material": "9.8.1", "editables": "0.6"}
+                    "mkdocs-material": "9.8.1", "editables": "0.6", "scikit-build-core": "1.1.2"}
 
 
 def evaluate_flake(tmp_path: Path, versions: dict[str, str]) -> subprocess.CompletedProcess:
