@@ -1,11 +1,16 @@
 """Automation: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s docs` ...
 
 Sessions run on the Python that runs nox, reuse their virtualenvs and install the local packages editable.
-On CPU-only machines set ``PIP_CONSTRAINT=constraints/cpu.txt`` (CI does) so pip takes the CPU wheel of torch.
+On CPython 3.11 without a GPU (no ``nvidia-smi``) and no ``PIP_CONSTRAINT`` of the user's, installs are
+constrained by ``constraints/cpu.txt``, so pip takes the CPU wheel of torch where one lies on disk instead of a
+multi-GB CUDA build; other Pythons get the normal PyPI resolution.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import nox
@@ -23,6 +28,8 @@ nox.options.sessions = ["lint", "tests"]
 
 def install_local(session: nox.Session, *extras: str) -> None:
     """Install every package editable (the meta-package plainly: it has no code)."""
+    if "PIP_CONSTRAINT" not in os.environ and shutil.which("nvidia-smi") is None and sys.version_info[:2] == (3, 11):
+        session.env["PIP_CONSTRAINT"] = str(ROOT / "constraints" / "cpu.txt")
     session.install("-e", LOCAL[0], "-e", LOCAL[1], "-e", LOCAL[2], *extras)
     session.install("--no-deps", LOCAL[3])
 
