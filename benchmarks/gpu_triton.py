@@ -22,6 +22,7 @@ import triton
 from triton.testing import do_bench
 
 from retention import power_retention
+from retention.flops import power_retention_cost
 from retention.reference import power_retention_chunked, power_retention_quadratic
 from retention.sympow import sympow_dim
 from retention.testing import random_inputs, relative_error
@@ -208,13 +209,6 @@ def matmul_rate():
     return 2 * 8192**3 / ms * 1e-9  # TFLOP/s
 
 
-def useful_flops(b, t, h, d, e, deg, C):
-    """SPEC section 6: 4 D e per token-head (state update + query) plus the causal intra-chunk block."""
-    D = sympow_dim(d, deg)
-    C = min(C, t)
-    return b * t * h * (4 * D * e + C * (d + e))
-
-
 def timing(deg_list, t_list, chunk_list, rate, rows):
     h, d = 8, 64
     tokens = 65536
@@ -254,9 +248,10 @@ def timing(deg_list, t_list, chunk_list, rate, rows):
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
                 chunk = C or default_chunk_size(t, d, deg)
-                flops = useful_flops(b, t, h, d, d, deg, chunk)
+                flops = power_retention_cost(b, t, h, d, deg=deg, chunk_size=chunk).flops  # SPEC section 6 count
                 frac_f = flops / ms_f * 1e-9 / rate
-                frac_fb = 3 * flops / ms_fb * 1e-9 / rate
+                frac_fb = power_retention_cost(b, t, h, d, deg=deg, chunk_size=chunk, pass_="fwd+bwd").flops / ms_fb \
+                    * 1e-9 / rate
                 row = dict(deg=deg, t=t, b=b, chunk=chunk, fwd_ms=ms_f, fwdbwd_ms=ms_fb, sdpa_fwd_ms=sdpa_f,
                            sdpa_fwdbwd_ms=sdpa_fb, speedup_fwd=sdpa_f / ms_f, speedup_fwdbwd=sdpa_fb / ms_fb,
                            matmul_frac_fwd=frac_f, matmul_frac_fwdbwd=frac_fb, peak_extra_gib=peak)
