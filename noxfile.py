@@ -49,7 +49,7 @@ def train(session: nox.Session) -> None:
     out = ROOT / ".nox" / "main-job"
     env = {"NUMBA_CACHE_DIR": str(ROOT / ".nox" / "numba-cache")}
     session.run("python", "-m", "retention_train.train", f"--out_dir={out / 'out'}", f"--data_root={out / 'data'}",
-                "--cpu_threads=1", *session.posargs, env=env)
+                *session.posargs, env=env)
     session.run("python", "-m", "retention_train.sample", f"--out_dir={out / 'out'}", "--max_new_tokens=300",
                 "--report_timing", env=env)
 
