@@ -160,30 +160,17 @@ def compile_check(results):
     def g(Q, K, V, log_G):  # the custom ops alone, without the API's Python dispatch
         return power_retention_triton(Q, K, V, log_G)[0].float().square().sum()
 
-    try:
-        args = [inp["Q"], inp["K"], inp["V"], inp["log_G"]]
-        grads = torch.autograd.grad(torch.compile(g, fullgraph=True)(*args), args)
-        eager = torch.autograd.grad(g(*args), args)
-        err = max(relative_error(a, b) for a, b in zip(grads, eager))
-        log(f"[{'PASS' if err < 1e-3 else 'FAIL'}] torch.compile(fullgraph=True) of the custom ops fwd+bwd, "
-            f"max rel diff vs eager {err:.1e}")
-        results.append({"check": "torch.compile fullgraph (custom ops)", "pass": err < 1e-3, "diff": err})
-    except Exception as error:  # report, keep timing
-        log(f"[FAIL] torch.compile(fullgraph=True) of the custom ops: {type(error).__name__}: {str(error)[:400]}")
-        results.append({"check": "torch.compile fullgraph (custom ops)", "pass": False, "error": str(error)[:400]})
-    try:
-        compiled = torch.compile(f, fullgraph=True)
-        loss = compiled(inp["Q"], inp["K"], inp["V"], inp["log_G"])
-        grads = torch.autograd.grad(loss, [inp["Q"], inp["K"], inp["V"], inp["log_G"]])
-        eager = torch.autograd.grad(f(inp["Q"], inp["K"], inp["V"], inp["log_G"]),
-                                    [inp["Q"], inp["K"], inp["V"], inp["log_G"]])
-        err = max(relative_error(a, b) for a, b in zip(grads, eager))
-        log(f"[{'PASS' if err < 1e-3 else 'FAIL'}] torch.compile(fullgraph=True) fwd+bwd, "
-            f"max rel diff vs eager {err:.1e}")
-        results.append({"check": "torch.compile fullgraph", "pass": err < 1e-3, "diff": err})
-    except Exception as error:  # report, keep timing
-        log(f"[FAIL] torch.compile(fullgraph=True): {type(error).__name__}: {str(error)[:400]}")
-        results.append({"check": "torch.compile fullgraph", "pass": False, "error": str(error)[:400]})
+    args = [inp["Q"], inp["K"], inp["V"], inp["log_G"]]
+    for label, loss in (("torch.compile fullgraph (custom ops)", g), ("torch.compile fullgraph", f)):
+        try:
+            grads = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args), args)
+            eager = torch.autograd.grad(loss(*args), args)
+            err = max(relative_error(a, b) for a, b in zip(grads, eager))
+            log(f"[{'PASS' if err < 1e-3 else 'FAIL'}] {label} fwd+bwd, max rel diff vs eager {err:.1e}")
+            results.append({"check": label, "pass": err < 1e-3, "diff": err})
+        except Exception as error:  # report, keep timing
+            log(f"[FAIL] {label}: {type(error).__name__}: {str(error)[:400]}")
+            results.append({"check": label, "pass": False, "error": str(error)[:400]})
 
 
 def profile(deg=2, t=65536, chunk=None):
