@@ -58,7 +58,7 @@ def window_case(b=2, w=11, tq=1, hq=4, h=2, d=16, e=None, deg=2, dtype=torch.flo
     """A window of ``w`` steps, ``tq`` queries at its end, a state before it; returns the kernel inputs and the
     oracle/plain outputs of those queries (the quadratic formula over the window with the initial state)."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = random_inputs(b=b, t=max(w, 1), hq=hq, h=h, d=d, e=e, dtype=dtype, device=DEVICE, gating=gating,
+    inputs = random_inputs(b=b, t=max(w, tq), hq=hq, h=h, d=d, e=e, dtype=dtype, device=DEVICE, gating=gating,
                            gate_strength=gate_strength, state=state, deg=deg, generator=generator)
     inputs["Q"] = inputs["Q"][:, -tq:] if w else inputs["Q"][:, :tq]
     if w == 0:
@@ -123,6 +123,59 @@ def test_attend_window_matches_oracle(case, dtype):
     assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain), floor=1e-5 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    """The kernels' partial sums start as NaN (the outputs already do): every entry read must have been written."""
+    monkeypatch.setattr(decode, "_scratch", lambda *shape, device: torch.full(shape, float("nan"), device=device))
+
+
+@pytest.mark.parametrize(
+    "w, state",
+    [(0, True), (6, True), (6, False), (8, True), (8, False)],  # no window needs a state
+    ids=["no-window", "partial-window", "partial-window-no-state", "full-window", "full-window-no-state"],
+)
+@pytest.mark.parametrize("tq", [1, 3], ids=["tq1", "tq3"])
+@pytest.mark.parametrize("ratio", [1, 2, 3, 4], ids=["r1", "r2", "r3", "r4"])
+def test_attend_window_gqa(poisoned_scratch, ratio, tq, w, state):
+    """GQA: one program serves the r query heads of a key/value head (times the tq queries), so rows of a block
+    differ in head and query (each its own causal limit and gate discount); padded rows (r = 3, 3 x 3 rows)
+    write nothing. Q non-contiguous; outputs and partial sums NaN-poisoned; a full window is folded too."""
+    h = 2
+    seed = zlib.crc32(f"gqa{ratio}{tq}{w}{state}".encode())
+    inputs = window_case(b=2, w=w, tq=tq, hq=ratio * h, h=h, d=8, e=16, state=state, seed=seed)
+    # Q non-contiguous: [b, hq, tq, 2d] in memory, NaN in the second half (a stray read would poison Y).
+    Q = inputs["Q"]
+    wide = torch.cat([Q, torch.full_like(Q, float("nan"))], dim=-1).transpose(1, 2).contiguous().transpose(1, 2)
+    inputs["Q"] = wide[..., :8]
+    assert not inputs["Q"].is_contiguous() and torch.equal(inputs["Q"], Q)
+    Q, K, V, log_G = inputs["Q"], inputs["K"], inputs["V"], inputs.get("log_G")
+    fold = w == 8
+    problem = Problem(Q, K, V, log_G, inputs.get("initial_state"), inputs.get("sum_of_keys"), 2, 8**-0.5, None,
+                      fold)
+    G = log_G.float().cumsum(1) if w else torch.zeros(2, 0, h, device=DEVICE)
+    result = decode.attend_window(problem, G, splits=1 + (ratio + tq) % 3)
+    Y = result[0] if fold else result
+    oracle, plain = expected_outputs(inputs, 2, torch.float32)
+    assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain))
+    if fold:  # the folded state is the window's state after the initial one
+        expected = update_state(K.double(), V.double(), log_G.double().cumsum(1), 2,
+                                *(None if x is None else x.double() for x in (inputs.get("initial_state"),
+                                                                               inputs.get("sum_of_keys"))),
+                                torch.float64)
+        assert_close_to_oracle("state", result[1], expected[0], 0.0, floor=1e-6)
+        assert_close_to_oracle("sum_of_keys", result[2], expected[1], 0.0, floor=1e-6)
+
+
+@pytest.mark.parametrize("block_r", [1, 2, 8], ids=["rows1", "rows2", "rows8"])
+def test_attend_window_row_blocks_agree(poisoned_scratch, block_r):
+    """The rows per program are a launch choice only: 1 (one program per query head, as without GQA), 2 (a
+    group split over programs) or 8 (a whole group and several queries per program) give the oracle's outputs."""
+    inputs = window_case(b=1, w=9, tq=2, hq=4, h=1, d=8, seed=block_r)
+    Y = run_attend(inputs, 2, block_r=block_r, splits=2)
+    oracle, plain = expected_outputs(inputs, 2, torch.float32)
+    assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain))
+
+
 def test_attend_window_zero_query_gives_zero():
     """A query orthogonal to everything has denominator 0: the output row is 0, never NaN."""
     inputs = window_case(b=1, w=5, tq=2, hq=2, h=1)
@@ -185,14 +238,17 @@ def test_fold_window_in_place():
 
 
 @pytest.mark.parametrize(
-    "static, splits, gating",
-    [(False, None, True), (True, None, True), (True, 3, False)],
-    ids=["dynamic", "static-fused", "static-fused-splits-ungated"],
+    "static, splits, gating, hq, h",
+    [(False, None, True, 2, 1), (True, None, True, 2, 1), (True, 3, False, 2, 1), (True, 2, True, 2, 2),
+     (True, None, True, 8, 2), (True, 2, True, 6, 2)],
+    ids=["dynamic", "static-fused", "static-fused-splits-ungated", "static-fused-r1", "static-fused-r4",
+         "static-fused-r3-splits"],
 )
-def test_cache_decodes_through_the_triton_op(monkeypatch, static, splits, gating):
+def test_cache_decodes_through_the_triton_op(monkeypatch, static, splits, gating, hq, h):
     """The cache with ``attend_window`` (and its fold) as the backend op: prefill, then tokens one by one across
     several folds, equals the float64 oracle on the whole sequence. A static cache takes the fused
-    ``decode_step`` (append + attend in one launch, the length bumped on the device)."""
+    ``decode_step`` (append + attend in one launch, the length bumped on the device); with GQA (r = hq / h of
+    1 to 4) one program per key/value head serves its r query heads and only one of them appends the token."""
     monkeypatch.setitem(decode.TUNING, "splits", splits)
     from retention import PowerRetentionCache, inference
     from retention.backends import Backend
@@ -204,8 +260,8 @@ def test_cache_decodes_through_the_triton_op(monkeypatch, static, splits, gating
         return triton_op if need == "attend_window" else select(problem, "reference", need)
 
     monkeypatch.setattr(inference, "select_backend", select_triton_for_inference)
-    generator = torch.Generator().manual_seed(11 + static)
-    inputs = random_inputs(b=1, t=13, hq=2, h=1, d=8, generator=generator, device=DEVICE, gating=gating)
+    generator = torch.Generator().manual_seed(11 + static + 10 * hq + h)
+    inputs = random_inputs(b=1, t=13, hq=hq, h=h, d=8, generator=generator, device=DEVICE, gating=gating)
     cache = PowerRetentionCache(switch_over_seq_len=4, static=static)
     outputs = [cache.step(**{name: x[:, :3] for name, x in inputs.items()})]
     for i in range(3, 13):
@@ -215,7 +271,7 @@ def test_cache_decodes_through_the_triton_op(monkeypatch, static, splits, gating
     assert cache.window_size == 13 % 4
     if static:  # the device-side length and the buffers agree with the host
         assert int(cache.window_length) == 1 and torch.equal(cache.window_K[:, :1], inputs["K"][:, 12:])
-        G = inputs["log_G"][:, 12:] if gating else torch.zeros(1, 1, 1, device=DEVICE)
+        G = inputs["log_G"][:, 12:] if gating else torch.zeros(1, 1, h, device=DEVICE)
         torch.testing.assert_close(cache.window_G[:, :1], G)
 
 
