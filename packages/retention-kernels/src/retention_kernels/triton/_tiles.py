@@ -68,3 +68,39 @@ def integer_power(x, P: tl.constexpr):
 
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
+
+
+@triton.jit
+def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, running, SPAN_ROW, BK: tl.constexpr):
+    """Gate sums of one ``[BQ, BK]`` tile of ``P_ij = dA_ij A_ij`` (query rows ``local_i``, key columns
+    ``local_j = k_start + arange(BK)``, chunk positions; the query tiles of a key block come in DECREASING order).
+
+    The gate at position ``u`` scales exactly the pairs ``j < u <= i``, so its gradient from this key block is
+    ``sum_{i >= u} sum_{j < u} P_ij``, a sum of terms that all span ``u`` (never the diagonal, no cancellation):
+      * ``u`` inside the key block: tiles whose rows reach into the block add the masked ``(P U)[i, u]`` with
+        ``U[j, u] = [j < u]``; later tiles (every ``i >= u``) only need their column sums (``column``), turned
+        into the exclusive prefix over ``j`` by :func:`spanning_finish`;
+      * ``u`` after the key block (every ``j < u``): the suffix over ``i >= u`` of the row sums, plus ``running``,
+        the total of the tiles after this one; stored to ``SPAN_ROW + u`` here.
+    """
+    if q_start < k_start + BK:
+        before = (local_j[:, None] < local_j[None, :]).to(tl.float32)
+        spanned = tl.dot(P, before, input_precision="ieee")  # [BQ, BK]: sum_{j < u} P_ij
+        own += tl.sum(tl.where(local_i[:, None] >= local_j[None, :], spanned, 0.0), axis=0)
+    else:
+        column += tl.sum(P, axis=0)
+    rows = tl.sum(P, axis=1)
+    later = tl.cumsum(rows, axis=0, reverse=True) + running
+    tl.store(SPAN_ROW + local_i, later, mask=(local_i >= k_start + BK) & (local_i < C))
+    running += tl.sum(rows, axis=0)
+    return own, column, running
+
+
+@triton.jit
+def spanning_finish(own, column, local_j, k_start, C, SPAN_ROW, BK: tl.constexpr):
+    """Store the key block's own gates (``own`` + the exclusive prefix of ``column``) and zeros before it."""
+    before = local_j[:, None] < local_j[None, :]
+    own += tl.sum(tl.where(before, column[:, None], 0.0), axis=0)
+    tl.store(SPAN_ROW + local_j, own, mask=local_j < C)
+    for start in range(0, k_start, BK):
+        tl.store(SPAN_ROW + start + tl.arange(0, BK), tl.zeros((BK,), dtype=tl.float32))

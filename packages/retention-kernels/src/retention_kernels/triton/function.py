@@ -7,8 +7,9 @@ Forward (``n = ceil(t / C)`` chunks, time padded only inside the kernels by mask
   2. ``output_kernel``: intra-chunk block + state query + normalisation -> ``Y``, and the denominators.
 Backward:
   3. ``state_grad_scan_kernel``: the reverse scan, ``dS'`` leaving every chunk and the initial-state gradient.
-  4. ``query_grad_kernel`` (dQ) and ``key_value_grad_kernel`` (dK, dV, key side of dG).
-  5. torch: dG = query side - key side (+ the final-state term), then a reverse cumulative sum -> d log_G.
+  4. ``query_grad_kernel`` (dQ and the gates' query terms) and ``key_value_grad_kernel`` (dK, dV, the gates' key
+     terms and intra-chunk spanning sums), then ``chunk_inner_product_kernel`` (``<dS'_{c+1}, S'_c>``).
+  5. torch: :func:`_gate_gradient` assembles d log_G from those per-chunk pieces.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -28,7 +30,7 @@ from ._tiles import next_power_of_2
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
 from .pairs import pair_key_value_grad_kernel, pair_output_kernel, pair_query_grad_kernel, pair_state_kernel
-from .state import chunk_update_kernel, scan_kernel
+from .state import chunk_inner_product_kernel, chunk_update_kernel, scan_kernel
 
 __all__ = ["power_retention_triton", "default_chunk_size"]
 
@@ -151,6 +153,49 @@ def _state_pass(X, V, G, log_G, buffer, key_buffer, plan, index, weight, h, deg,
         )
 
 
+_INNER_BLOCK = 1024
+_INNER_SPLIT = 16 * _INNER_BLOCK  # elements per program of chunk_inner_product_kernel (a multiple of the block)
+
+
+def _chunk_inner_products(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``<A[:, c], B[:, c]>`` for ``A``, ``B`` of shape ``[b h, n, ...]`` (each chunk's block contiguous, any
+    dtype), ``[b h, n]`` fp64: fp32 sums in a kernel (no fp32 copy of bf16 states), the partial sums in fp64."""
+    bh, n = A.shape[:2]
+    length = A[0, 0].numel()
+    splits = triton.cdiv(length, _INNER_SPLIT)
+    out = torch.empty(bh, n, splits, device=A.device, dtype=torch.float32)
+    chunk_inner_product_kernel[(splits, n, bh)](
+        A, B, out, A.stride(0), A.stride(1), B.stride(0), B.stride(1), length, n,
+        SPLIT=_INNER_SPLIT, BLOCK=_INNER_BLOCK, num_warps=4,
+    )
+    return out.sum(-1, dtype=torch.float64)
+
+
+def _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan: _Plan) -> torch.Tensor:
+    """``d log_G [b, t, h]`` fp32 from per-chunk pieces, in the CPU backend's direct form: for the gate at position
+    ``u`` of chunk ``c`` (every term below really spans the gate, so strong gates lose nothing to cancellation)::
+
+        d log_g_u = SPAN_u + sum_{i >= u in c} QTERM_i + sum_{j < u in c} KTERM_j + e^{G_C} <dS'_{c+1}, S'_c>
+
+    ``G [b, h, T_pad]`` cumulative gates within each chunk (``G_C`` the chunk's last); ``state_inner [b h, n]``
+    ``<dS'_{c+1}, S'_c>`` (numerators and key sums; ``dS'_n`` is the final state's cotangent); ``query_terms
+    [b, t, hq]`` (summed over each group); ``key_terms [b, t, h]``; ``spans [b h, n, nb, C]`` (summed over the
+    key blocks). Sums in fp64; padding rows are dropped."""
+    b, t, h = key_terms.shape
+    group = query_terms.shape[2] // h
+
+    def by_chunk(x):  # [b, t, h] -> [b h, n, C] fp64, zeros padding the last chunk
+        return F.pad(x.transpose(1, 2), (0, plan.T_pad - t)).reshape(b * h, plan.n, plan.C)
+
+    queries = by_chunk(query_terms.reshape(b, t, h, group).sum(-1, dtype=torch.float64))
+    keys = by_chunk(key_terms.double())
+    later_queries = queries.flip(-1).cumsum(-1).flip(-1)  # i >= u
+    earlier_keys = F.pad(keys.cumsum(-1)[..., :-1], (1, 0))  # j < u: a shifted inclusive sum (exact)
+    kept = G.reshape(b * h, plan.n, plan.C)[..., -1].double().exp() * state_inner
+    total = spans.sum(2, dtype=torch.float64) + later_queries + earlier_keys + kept[..., None]
+    return total.reshape(b, h, plan.T_pad)[..., :t].transpose(1, 2).float().contiguous()
+
+
 def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_size: int):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
@@ -184,7 +229,7 @@ def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_s
 
 
 def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, key_states,
-              final_state, final_keys, has_state: bool, deg: int, scale: float, chunk_size: int):
+              has_state: bool, deg: int, scale: float, chunk_size: int):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, deg, chunk_size)
@@ -200,15 +245,18 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     # Slot c: dS'_c, the gradient of the state entering chunk c (slot n: of the final state; slot 0: initial).
     d_states = _new(b, h, plan.n + 1, D, e, device=device)
     d_key_states = _new(b, h, plan.n + 1, D, device=device)
-    has_final_grad = d_final_state is not None or d_final_keys is not None
     d_states[:, :, plan.n] = 0.0 if d_final_state is None else d_final_state
     d_key_states[:, :, plan.n] = 0.0 if d_final_keys is None else d_final_keys
     _state_pass(Q, dN, G, log_G, d_states, d_key_states, plan, index, weight, h, deg, scale, backward=True)
 
     G_arg = G if has_gate else den
     dQ = _new(b, t, hq, d, device=device, dtype=Q.dtype)
+    # the gate gradient's pieces (see _gate_gradient); without gates the kernels skip them
+    query_terms = _new(b, t, hq, device=device) if has_gate else den
+    key_terms = _new(b, t, h, device=device) if has_gate else den
+    spans = _new(b * h, plan.n, triton.cdiv(plan.C, plan.BK), plan.C, device=device) if has_gate else den
     query_grad_kernel[(plan.n * triton.cdiv(plan.C, plan.BQ), b * hq)](
-        Q, K, V, G_arg, index, weight, states, key_states, dN, dQ,
+        Q, K, V, G_arg, index, weight, states, key_states, dN, dQ, query_terms,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, HAS_STATE=has_state, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,
@@ -216,9 +264,8 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     )
     dK = _new(b, t, h, d, device=device, dtype=K.dtype)
     dV = _new(b, t, h, e, device=device, dtype=V.dtype)
-    dG_keys = _new(b, t, h, device=device)
     key_value_grad_kernel[(plan.n * triton.cdiv(plan.C, plan.BK), b * h)](
-        Q, K, V, G_arg, index, weight, d_states, d_key_states, dN, dK, dV, dG_keys,
+        Q, K, V, G_arg, index, weight, d_states, d_key_states, dN, dK, dV, key_terms, spans,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,
@@ -227,14 +274,12 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
 
     d_log_G = None
     if has_gate:
-        # Query side dN'_i . N'_i with N'_i = [y_i den_i, den_i]: (dy.y) - (dy.y), zero up to rounding.
-        dG_queries = den * ((dN[..., :e] * Y.float()).sum(-1) + dN[..., e])
-        dG = dG_queries.reshape(b, t, h, hq // h).sum(-1) - dG_keys
-        if has_final_grad:
-            dG[:, -1] += (d_states[:, :, plan.n] * final_state).sum((-2, -1))
-            dG[:, -1] += (d_key_states[:, :, plan.n] * final_keys).sum(-1)
-        # Reverse cumulative sum over time, along the contiguous last axis (a scan over a strided axis is slow).
-        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+        # slot c of the states: S'_c entering chunk c; slot c + 1 of their gradients: dS'_{c+1} leaving it
+        def entering_and_leaving(X, dX):
+            return _chunk_inner_products(X.flatten(0, 1)[:, :-1], dX.flatten(0, 1)[:, 1:])
+
+        state_inner = entering_and_leaving(states, d_states) + entering_and_leaving(key_states, d_key_states)
+        d_log_G = _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan)
     return dQ, dK, dV, d_log_G, d_states[:, :, 0].clone(), d_key_states[:, :, 0].clone()
 
 
@@ -349,13 +394,21 @@ _TUNED_QUERY_GRAD = _autotuned(
     [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
     [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
 )
+# One BK for every config: the gates' scratch SPAN has one row per key block, allocated before the launch.
+_KEY_VALUE_BK = 64
 _TUNED_KEY_VALUE_GRAD = _autotuned(
     pair_key_value_grad_kernel,
-    [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=128)],
+    [_config(4, 2, BQ=64, BK=_KEY_VALUE_BK), _config(8, 2, BQ=64, BK=_KEY_VALUE_BK),
+     _config(8, 2, BQ=128, BK=_KEY_VALUE_BK)],
     [*_SHAPE_KEY, "hq", "h", "HAS_GATE"],
 )
 # Under the interpreter (CPU): large blocks mean fewer (slow) Python-level programs.
 _INTERPRETER_META = dict(BT=32, BU=16, BQ=32, BK=32, PHI_T=True)
+
+
+def _key_value_block() -> int:
+    """The BK that ``pair_key_value_grad_kernel`` runs with (see ``_launch``)."""
+    return _INTERPRETER_META["BK"] if _TUNED_KEY_VALUE_GRAD is None else _KEY_VALUE_BK
 
 
 # False: every GPU launch takes the first config of its list (no tuning runs; the checks set it to save compiles).
@@ -426,9 +479,9 @@ def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int):
     return Y, den, final, final_M, states, Ms, G
 
 
-def _pair_backward(dY, d_final, d_final_M, final_inner, Q, K, V, log_G, G, Y, den, states, Ms,
+def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms,
                    has_state: bool, scale: float, chunk_size: int):
-    """``final_inner [b, h]``: <dS_final, S_final> + <dz_final, z_final> (None without a final-state gradient)."""
+    """``d_final``, ``d_final_M``: the final state's cotangent in the internal layout (None without one)."""
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, 2, chunk_size)
@@ -448,30 +501,32 @@ def _pair_backward(dY, d_final, d_final_M, final_inner, Q, K, V, log_G, G, Y, de
     G_arg = G if has_gate else den
     common = (*Q.stride(), *K.stride(), *V.stride(), t, hq, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP, scale)
     dQ = _new(b, t, hq, d, device=device, dtype=Q.dtype)
+    # the gate gradient's pieces (see _gate_gradient); without gates the kernels skip them
+    query_terms = _new(b, t, hq, device=device) if has_gate else den
+    key_terms = _new(b, t, h, device=device) if has_gate else den
+    key_blocks = triton.cdiv(plan.C, _key_value_block())
+    spans = _new(b * h, plan.n, key_blocks, plan.C, device=device) if has_gate else den
     constants = dict(HAS_GATE=has_gate, HAS_STATE=has_state, **_pair_constants(Q, plan, layout))
     def query_grid(meta):
         return (plan.n * triton.cdiv(plan.C, meta["BQ"]), b * hq)
     _launch(_TUNED_QUERY_GRAD, pair_query_grad_kernel, query_grid,
-            (Q, K, V, G_arg, layout.pairs, states, Ms, dn, delta, dQ, *common), constants, ("BQ", "BK"))
+            (Q, K, V, G_arg, layout.pairs, states, Ms, dn, delta, dQ, query_terms, *common), constants,
+            ("BQ", "BK"))
     dK = _new(b, t, h, d, device=device, dtype=K.dtype)
     dV = _new(b, t, h, e, device=device, dtype=V.dtype)
-    dG_keys = _new(b, t, h, device=device)
     constants = dict(HAS_GATE=has_gate, **_pair_constants(Q, plan, layout))
     def key_grid(meta):
         return (plan.n * triton.cdiv(plan.C, meta["BK"]), b * h)
     _launch(_TUNED_KEY_VALUE_GRAD, pair_key_value_grad_kernel, key_grid,
-            (Q, K, V, G_arg, layout.pairs, d_states, d_Ms, dn, delta, dK, dV, dG_keys, *common), constants,
-            ("BQ", "BK"))
+            (Q, K, V, G_arg, layout.pairs, d_states, d_Ms, dn, delta, dK, dV, key_terms, spans, *common),
+            constants, ("BQ", "BK"))
 
     d_log_G = None
     if has_gate:
-        # dG_i = dN'_i . N'_i - v'_i . dv'_i; the query side den_i (dn_i . y_i + delta_i) is exactly 0 with
-        # delta = -(dn . y), so only the key side remains (+ the final state's term on the last step).
-        # fp64 for the sums: the reverse cumulative sum nearly cancels (shifting every gate changes nothing).
-        dG = -dG_keys.double()
-        if has_final_grad:
-            dG[:, -1] += final_inner
-        d_log_G = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).float().contiguous()
+        # slot c of the states: S'_c entering chunk c; of their gradients: dS'_{c+1} leaving it (the inner
+        # products are the same in the internal layout: an isometry for S, the true gradient of M for dM)
+        state_inner = _chunk_inner_products(states, d_states) + _chunk_inner_products(Ms, d_Ms)
+        d_log_G = _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan)
     return dQ, dK, dV, d_log_G, d_init, d_init_M
 
 
@@ -510,8 +565,8 @@ def _backward_op(
     final_state: torch.Tensor, final_keys: torch.Tensor, has_state: bool, deg: int, scale: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dQ, dK, dV, d_log_G, d_state0, d_keys0 = _backward(
-        dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, key_states,
-        final_state, final_keys, has_state, deg, scale, chunk_size,
+        dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, key_states, has_state, deg, scale,
+        chunk_size,
     )
     if d_log_G is None:
         d_log_G = Q.new_empty(0, dtype=torch.float32)
@@ -630,15 +685,13 @@ def _pair_backward_op(
     final_state: torch.Tensor, final_keys: torch.Tensor, has_state: bool, scale: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _pair_layout(Q.shape[3], Q.device)
-    d_final = d_final_M = final_inner = None
+    d_final = d_final_M = None
     if d_final_state is not None or d_final_keys is not None:
         dS = torch.zeros_like(final_state) if d_final_state is None else d_final_state.float()
         dz = torch.zeros_like(final_keys) if d_final_keys is None else d_final_keys.float()
         d_final, d_final_M = _to_internal(layout, dS, dz)
-        # the final state's gate term <dS', S'>, in fp64 (it joins a nearly cancelling reverse sum)
-        final_inner = (dS.double() * final_state).sum((-2, -1)) + (dz.double() * final_keys).sum(-1)
     dQ, dK, dV, d_log_G, d_init, d_init_M = _pair_backward(
-        dY, d_final, d_final_M, final_inner, Q, K, V, log_G, G, Y, den, states, Ms, has_state, scale, chunk_size,
+        dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, has_state, scale, chunk_size,
     )
     d_state0, d_keys0 = _to_minimal(layout, d_init, d_init_M)
     if d_log_G is None:

@@ -16,13 +16,16 @@ Kernels (``G`` = cumulative log gate inside each chunk, ``s`` = scale):
                           ``dS_c = e^{G_last} dS_{c+1} + s^2 sum_i e^{G_i} phi(q_i) dn_i^T`` (and dM from delta).
                           One program per (feature tile, head) walks the chunks in order: the scan is fused.
   ``pair_output_kernel``  intra-chunk block + state query + normalisation.
-  ``pair_query_grad_kernel``, ``pair_key_value_grad_kernel``: dQ; dK, dV and the key side of dG.
+  ``pair_query_grad_kernel``, ``pair_key_value_grad_kernel``: dQ; dK, dV; and the pieces of the gate gradient
+                          (QTERM, KTERM, SPAN: see ``grads.py``).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._tiles import spanning_finish, spanning_tile
 
 
 @triton.jit
@@ -277,7 +280,7 @@ def pair_output_kernel(
 
 @triton.jit
 def pair_query_grad_kernel(
-    Q, K, V, G, PAIRS, STATES, MS, DN, DELTA, DQ,
+    Q, K, V, G, PAIRS, STATES, MS, DN, DELTA, DQ, QTERM,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, d, e, n_chunks, C, T_pad, NP, scale,
     HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr,
@@ -286,7 +289,8 @@ def pair_query_grad_kernel(
 ):
     """DQ [b, t, hq, d] contiguous. DN ``[b, t, hq, e]`` (already rounded to the operand precision) and DELTA
     ``[b, t, hq]`` = ``-(dn . y)`` computed from that same rounded dn, so ``dA_ij = dn_i . v_j + delta_i`` equals
-    ``dn_i . (v_j - y_i)`` without the bf16 rounding of dn turning into an absolute error."""
+    ``dn_i . (v_j - y_i)`` without the bf16 rounding of dn turning into an absolute error. QTERM [b, t, hq]
+    fp32 (with HAS_GATE): ``q_i . dq_i^state / 2``, the gate term of the state query."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     blocks_per_chunk = tl.cdiv(C, BQ)
@@ -359,27 +363,34 @@ def pair_query_grad_kernel(
                         mask=e_mask[None, :], other=0.0).to(OP)
             dphi = tl.dot(dn, tl.trans(S), input_precision=PRECISION) * (query_scale * weight)[:, None]
             acc = _outer_vjp(acc, dphi, qi, qj, block_i, block_j, BQ, NBP)
-        dq += tl.reshape(acc, (BQ, DP))
+        dq_state = tl.reshape(acc, (BQ, DP))
         # the denominator's state term s^2 e^{G_i} delta_i q_i^T M q_i, M symmetric
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
-        dq += tl.dot(q32, M, input_precision=GRAM_PRECISION) * (2.0 * query_scale * delta)[:, None]
+        dq_state += tl.dot(q32, M, input_precision=GRAM_PRECISION) * (2.0 * query_scale * delta)[:, None]
+        dq += dq_state
+        state_term = tl.sum(q32 * dq_state, axis=1) * 0.5
+    else:
+        state_term = tl.zeros((BQ,), dtype=tl.float32)
 
     out_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
     tl.store(DQ + out_rows[:, None] * d + dims[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_mask[:, None] & d_mask[None, :])
+    if HAS_GATE:
+        tl.store(QTERM + out_rows, state_term, mask=q_mask)
 
 
 @triton.jit
 def pair_key_value_grad_kernel(
-    Q, K, V, G, PAIRS, DSTATES, DMS, DN, DELTA, DK, DV, DGK,
+    Q, K, V, G, PAIRS, DSTATES, DMS, DN, DELTA, DK, DV, KTERM, SPAN,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, d, e, n_chunks, C, T_pad, NP, scale,
     HAS_GATE: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
 ):
-    """DK [b, t, h, d], DV [b, t, h, e] contiguous, DGK [b, t, h] fp32 (``v'_j . dv'_j``, the key side of dG).
-    DSTATES ``[b h, n, DI, e]`` / DMS ``[b h, n, DP, DP]`` slot c: the gradient of the state leaving chunk c."""
+    """DK [b, t, h, d], DV [b, t, h, e] contiguous. DSTATES ``[b h, n, DI, e]`` / DMS ``[b h, n, DP, DP]`` slot c:
+    the gradient of the state leaving chunk c. With HAS_GATE: KTERM [b, t, h] fp32 (``k_j . dk_j^state / 2``) and
+    SPAN ``[b h, n, cdiv(C, BK), C]`` fp32 (row J: the spanning sums of key block J, ``_tiles.spanning_tile``)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     blocks_per_chunk = tl.cdiv(C, BK)
@@ -403,23 +414,28 @@ def pair_key_value_grad_kernel(
     k32 = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
                   mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     k = k32.to(OP)
-    v_in = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
-                   mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-    v = v_in.to(OP)
+    v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
+                mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
     g_base = G + pid_bh * T_pad + c * C
     if HAS_GATE:
         g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
 
     dk = tl.zeros((BK, DP), dtype=tl.float32)
     dv = tl.zeros((BK, EP), dtype=tl.float32)
-    d_ones = tl.zeros((BK,), dtype=tl.float32)  # gradient of the ones column of v' (the key-sum path)
-    for r in range(group):
-        query_head = head * group + r
-        q_base = Q + b * sq_b + query_head * sq_h
-        for q_start in range(k_start, C, BQ):
-            local_i = q_start + tl.arange(0, BQ)
-            rows_q = c * C + local_i
-            q_mask = (local_i < C) & (rows_q < t)
+    span_row = SPAN + ((pid_bh * n_chunks + c) * tl.cdiv(C, BK) + k_start // BK).to(tl.int64) * C
+    own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates of this key block
+    column = tl.zeros((BK,), dtype=tl.float32)
+    running = tl.sum(tl.zeros((BQ,), dtype=tl.float32), axis=0)
+    q_tiles = tl.cdiv(C - k_start, BQ)
+    for step in range(q_tiles):  # decreasing query tiles (the spanning sums run backwards), group inside
+        q_start = k_start + (q_tiles - 1 - step) * BQ
+        local_i = q_start + tl.arange(0, BQ)
+        rows_q = c * C + local_i
+        q_mask = (local_i < C) & (rows_q < t)
+        spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij = dA_ij A_ij summed over the group
+        for r in range(group):
+            query_head = head * group + r
+            q_base = Q + b * sq_b + query_head * sq_h
             q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
                         mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
             grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
@@ -437,8 +453,14 @@ def pair_key_value_grad_kernel(
             d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
             d_scores = d_weights * 2.0 * scores * decay
             dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
-            d_ones += tl.sum(weights * delta[:, None], axis=0)
             dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
+            if HAS_GATE:
+                spanning += d_weights * weights
+        if HAS_GATE:
+            own, column, running = spanning_tile(spanning, local_i, local_j, q_start, k_start, C, own, column,
+                                                 running, span_row, BK)
+    if HAS_GATE:
+        spanning_finish(own, column, local_j, k_start, C, span_row, BK)
 
     # The state leaving the chunk: every key of the chunk was written into it.
     if HAS_GATE:
@@ -464,17 +486,16 @@ def pair_key_value_grad_kernel(
         dv += tl.dot(phi, dS, input_precision=PRECISION)
         dphi = tl.dot(v, tl.trans(dS), input_precision=PRECISION) * row_weight[:, None]
         acc = _outer_vjp(acc, dphi, ki, kj, block_i, block_j, BK, NBP)
-    dk += tl.reshape(acc, (BK, DP))
+    dk_state = tl.reshape(acc, (BK, DP))
     # the key-sum path: e^{G_last - G_j} k_j^T dM k_j with dM symmetric
     dM = tl.load(DMS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
-    k_dM = tl.dot(k32, dM, input_precision=GRAM_PRECISION)
-    dk += k_dM * (2.0 * key_decay)[:, None]
-    d_ones += tl.sum(k_dM * k32, axis=1) * key_decay
+    dk_state += tl.dot(k32, dM, input_precision=GRAM_PRECISION) * (2.0 * key_decay)[:, None]
+    dk += dk_state
 
     out_rows = (b * t + rows_k).to(tl.int64) * h + head
     tl.store(DK + out_rows[:, None] * d + dims[None, :], dk.to(DK.dtype.element_ty),
              mask=k_mask[:, None] & d_mask[None, :])
     tl.store(DV + out_rows[:, None] * e + columns[None, :], dv.to(DV.dtype.element_ty),
              mask=k_mask[:, None] & e_mask[None, :])
-    d_gate = tl.sum(v_in * dv, axis=1) + d_ones
-    tl.store(DGK + out_rows, d_gate, mask=k_mask)
+    if HAS_GATE:
+        tl.store(KTERM + out_rows, tl.sum(k32 * dk_state, axis=1) * 0.5, mask=k_mask)

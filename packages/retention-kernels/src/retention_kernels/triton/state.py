@@ -115,3 +115,22 @@ def scan_kernel(BUF, G, length, n_chunks, C, T_pad, HAS_GATE: tl.constexpr, REVE
             carry = carry * tl.exp(tl.load(g_base + c * C + C - 1))
         carry = carry + value
         tl.store(pointer, carry, mask=mask)
+
+
+@triton.jit
+def chunk_inner_product_kernel(A, B, OUT, sa_bh, sa_c, sb_bh, sb_c, length, n_chunks, SPLIT: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """``OUT[bh, c, s] = sum_x A[bh, c, x] B[bh, c, x]`` over the ``s``-th slice of ``SPLIT`` elements (fp32 sums
+    of any input dtype; ``x`` contiguous). Grid ``(cdiv(length, SPLIT), n_chunks, b h)``, ``OUT`` contiguous."""
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2)
+    a_base = A + bh.to(tl.int64) * sa_bh + c.to(tl.int64) * sa_c
+    b_base = B + bh.to(tl.int64) * sb_bh + c.to(tl.int64) * sb_c
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(split * SPLIT, tl.minimum(split * SPLIT + SPLIT, length), BLOCK):
+        x = start + tl.arange(0, BLOCK)
+        mask = x < length
+        total += (tl.load(a_base + x, mask=mask, other=0.0).to(tl.float32)
+                  * tl.load(b_base + x, mask=mask, other=0.0).to(tl.float32))
+    tl.store(OUT + (bh * n_chunks + c) * tl.num_programs(0) + split, tl.sum(total, axis=0))
