@@ -1,18 +1,29 @@
-"""retention-train on GPUs (issue 8): throughput at long context, loss curves, DDP and context parallel.
+"""retention-train on GPUs (issue 8): training throughput at long context, loss curves, DDP and context parallel.
 
-    PY="PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src:packages/retention-train/src"
-    env $PY python benchmarks/train_gpu.py throughput [--context=16384]   # 1 GPU, ~3 min
-    env $PY python benchmarks/train_gpu.py curves [--steps=600]           # 1 GPU, ~6 min
-    env $PY python benchmarks/train_gpu.py parallel                       # 2 GPUs (torchrun inside), ~3 min
+Device commands (repo root; only $OUT comes back from the device, so results go there when it is set, else to
+``benchmarks/results/``; ``--out=DIR`` overrides both)::
 
-- ``throughput``: a 12-layer, 768-wide GPT (12 heads of 64) at context 16k, bf16, batch 1: training tokens/s
-  (forward, backward and AdamW step; CUDA-synchronised wall time after warm-up) with ``sdpa`` and with
-  ``power`` (degree 2, gating, chunk 1024), same process. Writes ``results/train_throughput.{json,md}``.
-- ``curves``: the same short run (embedded corpus, or ``--dataset=owt`` when prepared) with ``sdpa``, power
-  degree 1 and power degree 2, equal steps and batches; ``results/train_curves.{json,png}``.
-- ``parallel``: 1 GPU against 2 GPUs with DDP (half the batch each) and with context parallelism (half of
-  every sequence each); the per-step losses must agree (rel 1e-2 in bf16) and the tokens/s are reported;
-  ``results/train_parallel.json``.
+    export PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src:packages/retention-train/src
+    python benchmarks/train_gpu.py throughput curves   # 1 GPU (H200): ~2 + ~3 min, <= 6 min with compiles
+    python benchmarks/train_gpu.py parallel            # 2 GPUs (torchrun, NCCL inside): ~2-3 min
+    python benchmarks/train_gpu.py throughput curves parallel --dry-run   # CPU, tiny sizes, every code path
+
+- ``throughput``: a 12-layer, 768-wide GPT (12 heads of 64, vocab 50304) at context 16k, bf16 autocast, batch 1:
+  training tokens/s (forward, backward and AdamW step; synchronised wall time after warm-up, which includes the
+  Triton autotuning) with ``sdpa``, power degree 1 (chunk 128) and power degree 2 (chunk 1024), gating on, same
+  process. Also one layer's attention alone (the time-mixing op, fwd+bwd, on the model's Q/K/V layout) for each,
+  and its share of a training step (``n_layer x attention / step``). ``train_throughput.{json,md}``.
+- ``curves``: the same short run on the embedded corpus (``--dataset=owt`` when prepared) with ``sdpa``, power
+  degree 1 and power degree 2 (backend-chosen chunks): 6 layers x 384, context 1024, batch 16, 600 steps (~10M
+  tokens), equal steps and batches; ``train_curves.{json,md,png}``. About 40-60 s per run on an H200.
+- ``parallel``: 1 GPU against 2 GPUs with DDP (half the batch each) and with context parallelism (half of every
+  sequence each), power degree 2, 4 layers x 512, context 4096, 30 steps; every step's loss must agree with
+  1 GPU (relative 1e-2 in bf16) and the tokens/s are reported; ``train_parallel.{json,md}``. Each launch has a
+  timeout (``--launch_timeout``, 150 s) so a hang cannot eat the device budget.
+
+Each mode prints a PASS/FAIL line; the exit status is 1 when any check failed. ``--dry-run`` runs every mode
+on the CPU (CPU power-retention backend, gloo for torchrun) at tiny sizes, into a temporary folder unless
+``--out`` is given; it is what ``packages/retention-train/tests/test_train_gpu_dry_run.py`` runs.
 """
 
 from __future__ import annotations
@@ -21,167 +32,413 @@ import argparse
 import datetime
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from retention import power_retention
+from retention_train.data import prepare_default
 from retention_train.model import GPT, GPTConfig
 from retention_train.train import TrainConfig, train
 
-# On the device machine only $OUT comes back: results go there when it is set.
-RESULTS = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+# (label, attention_kernel, degree)
+KERNELS = (("sdpa", "sdpa", 2), ("power deg 1", "power", 1), ("power deg 2", "power", 2))
+DRY_DATA_BYTES = 300_000
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _train_step(model, optimizer, x, y) -> torch.Tensor:
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(x, y)[1]
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def throughput(args) -> dict:
-    device = torch.device("cuda")
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on the CPU too in the dry run: the same dtypes reach the attention as on the GPU.
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _write(out: Path, stem: str, result: dict, markdown: str | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    if markdown:
+        (out / f"{stem}.md").write_text(markdown)
+
+
+# --- throughput -----------------------------------------------------------------------------------------------
+
+
+def _chunk(args, degree: int) -> int:
+    return args.chunk_deg1 if degree == 1 else args.chunk_deg2
+
+
+def attention_ms(kernel: str, degree: int, chunk_size: int, shape: tuple[int, int, int, int],
+                 device: torch.device, warmup: int, reps: int) -> float:
+    """One layer's time mixing alone, forward + backward, on bf16 ``Q, K, V [b, t, h, hd]`` strided as in the
+    model (views of one ``[b, t, 3h, hd]`` projection) and, for power, fp32 gates ``log_G [b, t, h]``."""
+    b, t, h, hd = shape
+    qkv = torch.randn(b, t, 3 * h, hd, device=device, dtype=torch.bfloat16).requires_grad_()
+    gate_logits = (torch.randn(b, t, h, device=device) + 4.0).requires_grad_()
+    dy = torch.randn(b, t, h, hd, device=device, dtype=torch.bfloat16)
+
+    def step():
+        q, k, v = qkv.split(h, dim=2)
+        if kernel == "sdpa":
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True).transpose(1, 2)
+        else:
+            y = power_retention(q, k, v, F.logsigmoid(gate_logits), deg=degree, chunk_size=chunk_size)
+        y.backward(dy)
+        qkv.grad = gate_logits.grad = None
+
+    return _median_ms(step, device, warmup, reps)
+
+
+def _time_training(model, optimizer, x, y, device, warmup: int, steps: int):
+    """``(last loss, warm-up seconds, seconds per step)``: mean synchronised wall time of ``steps`` training
+    steps (bf16 autocast forward, backward, AdamW) after ``warmup`` steps (which compile and autotune)."""
+
+    def train_step():
+        with _autocast(device):
+            loss = model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        train_step()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step()
+    _sync(device)
+    return loss, warmup_s, (time.perf_counter() - start) / steps
+
+
+def throughput(args, device: torch.device, out: Path) -> bool:
+    size = (dict(vocab_size=256, n_layer=2, n_head=2, n_embd=64) if args.dry_run
+            else dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768))
     rows = []
-    for kernel in ("sdpa", "power"):
-        config = GPTConfig(vocab_size=50304, block_size=args.context, n_layer=12, n_head=12, n_embd=768,
-                           attention_kernel=kernel, degree=2, chunk_size=args.chunk_size,
-                           checkpoint_activations=args.checkpoint_activations)
+    for label, kernel, degree in KERNELS:
+        chunk = _chunk(args, degree) if kernel == "power" else None
+        config = GPTConfig(block_size=args.context, attention_kernel=kernel, degree=degree, chunk_size=chunk,
+                           checkpoint_activations=args.checkpoint_activations, **size)
         torch.manual_seed(0)
         model = GPT(config).to(device)
         optimizer = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95))
         idx = torch.randint(0, config.vocab_size, (args.batch, args.context + 1), device=device)
         x, y = idx[:, :-1], idx[:, 1:]
 
-        for _ in range(args.warmup):
-            _train_step(model, optimizer, x, y)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = _train_step(model, optimizer, x, y)
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.steps
-        rows.append({"attention_kernel": kernel, "seconds_per_step": seconds,
-                     "tokens_per_s": args.batch * args.context / seconds, "loss": loss.item(),
-                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
-        print(json.dumps(rows[-1]), flush=True)
+        loss, warmup_s, seconds = _time_training(model, optimizer, x, y, device, args.warmup, args.steps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         del model, optimizer
-        torch.cuda.empty_cache()
-    result = {"date": _now(), "device": torch.cuda.get_device_name(), "context": args.context, "batch": args.batch,
-              "model": "12 layers, 768 wide, 12 heads of 64, bf16 autocast, AdamW", "chunk_size": args.chunk_size,
-              "checkpoint_activations": args.checkpoint_activations, "rows": rows,
-              "power_over_sdpa": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        head_dim = config.n_embd // config.n_head
+        attention = attention_ms(kernel, degree, chunk, (args.batch, args.context, config.n_head, head_dim),
+                                 device, warmup=2, reps=args.attention_reps)
+        rows.append({"run": label, "attention_kernel": kernel, "degree": degree if kernel == "power" else None,
+                     "chunk_size": chunk, "seconds_per_step": seconds,
+                     "tokens_per_s": args.batch * args.context / seconds, "loss": loss.item(),
+                     "peak_memory_gib": peak, "warmup_s": warmup_s, "attention_fwd_bwd_ms": attention,
+                     "attention_share": config.n_layer * attention / (seconds * 1e3)})
+        print(json.dumps(rows[-1]), flush=True)
+    sdpa = rows[0]
+    for row in rows:
+        row["tokens_per_s_over_sdpa"] = row["tokens_per_s"] / sdpa["tokens_per_s"]
+        row["attention_speedup_over_sdpa"] = sdpa["attention_fwd_bwd_ms"] / row["attention_fwd_bwd_ms"]
+    headline = rows[2]["tokens_per_s_over_sdpa"]
+    passed = headline > 1.0
+    model_text = (f"{size['n_layer']} layers, {size['n_embd']} wide, {size['n_head']} heads of "
+                  f"{size['n_embd'] // size['n_head']}, vocab {size['vocab_size']}, bf16 autocast, AdamW, gating on")
+    result = {"date": _now(), "device": _device_name(device), "dry_run": args.dry_run, "context": args.context,
+              "batch": args.batch, "model": model_text, "checkpoint_activations": args.checkpoint_activations,
+              "warmup_steps": args.warmup, "timed_steps": args.steps, "rows": rows,
+              "power_deg2_over_sdpa": headline, "power_deg1_over_sdpa": rows[1]["tokens_per_s_over_sdpa"]}
     lines = [f"# Training throughput at context {args.context} ({result['device']}, {result['date']})", "",
-             f"{result['model']}; batch {args.batch}; power: degree 2, gating, chunk {args.chunk_size}.", "",
-             "| attention | ms / step | tokens / s | peak memory (GiB) |", "|---|---|---|---|"]
-    lines += [f"| {r['attention_kernel']} | {r['seconds_per_step'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['peak_memory_gib']:.1f} |" for r in rows]
-    lines += ["", f"power / sdpa tokens per second: {result['power_over_sdpa']:.2f}x"]
-    _write(result, "train_throughput", "\n".join(lines) + "\n")
-    return result
+             f"{model_text}; batch {args.batch}; mean of {args.steps} steps after {args.warmup} warm-up steps.",
+             "'attention' is one layer's time mixing alone (fwd+bwd, median); its share is "
+             f"{size['n_layer']} x attention / step.", "",
+             "| run | chunk | ms / step | tokens / s | x sdpa | attention ms | attention x sdpa | attention share "
+             "| peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['chunk_size'] or '-'} | {r['seconds_per_step'] * 1e3:.1f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_over_sdpa']:.2f} | {r['attention_fwd_bwd_ms']:.2f} | "
+              f"{r['attention_speedup_over_sdpa']:.2f} | {r['attention_share']:.0%} | {r['peak_memory_gib']:.1f} |"
+              for r in rows]
+    lines += ["", f"power deg 2 / sdpa tokens per second: {headline:.2f}x; "
+              f"power deg 1 / sdpa: {result['power_deg1_over_sdpa']:.2f}x"]
+    _write(out, "train_throughput", result, "\n".join(lines) + "\n")
+    print("\n".join(lines[6:]))
+    print(f"[{'PASS' if passed else 'FAIL'}] throughput: power deg 2 trains {headline:.2f}x the tokens/s of sdpa "
+          f"(deg 1: {result['power_deg1_over_sdpa']:.2f}x) at context {args.context}", flush=True)
+    return passed or args.dry_run  # the dry run checks the code paths, not the speed
 
 
-def curves(args) -> dict:
-    runs = {"sdpa": {"attention_kernel": "sdpa"}, "power deg 1": {"degree": 1}, "power deg 2": {"degree": 2}}
+# --- loss curves ----------------------------------------------------------------------------------------------
+
+
+def curves(args, device: torch.device, out: Path) -> bool:
+    if args.dry_run:
+        size = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=2, eval_iters=1, log_interval=1,
+                    device="cpu", cpu_threads=1)
+        steps, eval_interval = 4, 2
+    else:
+        size = dict(n_layer=6, n_head=6, n_embd=384, block_size=1024, batch_size=16, eval_iters=20,
+                    log_interval=10)
+        steps, eval_interval = args.curve_steps, max(1, args.curve_steps // 6)
+    runs = {label: {"attention_kernel": kernel, "degree": degree} for label, kernel, degree in KERNELS}
     histories = {}
-    for name, overrides in runs.items():
-        config = TrainConfig(out_dir=str(Path(args.work) / name.replace(" ", "_")), dataset=args.dataset,
-                             data_root=args.data_root, max_iters=args.steps, eval_interval=args.steps // 6,
-                             eval_iters=20, log_interval=10, n_layer=6, n_head=6, n_embd=384, block_size=1024,
-                             batch_size=16, learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, chunk_size=256,
-                             sample_tokens=0, progress=False, **overrides)
+    for label, overrides in runs.items():
+        config = TrainConfig(out_dir=str(Path(args.work) / label.replace(" ", "_")), dataset=args.dataset,
+                             data_root=args.data_root, max_iters=steps, eval_interval=eval_interval,
+                             learning_rate=1e-3, min_lr=1e-4, warmup_iters=min(50, steps // 4), sample_tokens=0,
+                             progress=False, **size, **overrides)
         start = time.perf_counter()
-        histories[name] = {"history": train(config)["history"], "seconds": time.perf_counter() - start}
-        print(name, histories[name]["history"][-1], flush=True)
+        history = train(config)["history"]
+        trains = [e for e in history if e["kind"] == "train"]
+        histories[label] = {"history": history, "seconds": time.perf_counter() - start,
+                            "tokens_per_s": statistics.median(e["tokens_per_s"] for e in trains)}
+        print(label, json.dumps(history[-1]), f"{histories[label]['seconds']:.1f} s", flush=True)
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run in histories.items():
+    title = (f"{size['n_layer']} layers x {size['n_embd']}, context {size['block_size']}, batch {size['batch_size']}, "
+             f"{args.dataset} data, {_device_name(device)}")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (label, run), color in zip(histories.items(), ("C0", "C1", "C2")):
+        trains = [e for e in run["history"] if e["kind"] == "train"]
         evals = [e for e in run["history"] if e["kind"] == "eval"]
-        ax.plot([e["iter"] for e in evals], [e["val_loss"] for e in evals], "o-", label=f"{name} (val)")
+        ax.plot([e["iter"] for e in trains], [e["loss"] for e in trains], color=color, alpha=0.3)
+        ax.plot([e["iter"] for e in evals], [e["val_loss"] for e in evals], "o-", color=color,
+                label=f"{label} (val; faint: train)")
     ax.set_xlabel("step")
-    ax.set_ylabel("validation cross entropy (nats / token)")
-    ax.set_title(f"6 layers x 384, context 1024, {args.dataset} data, {torch.cuda.get_device_name()}")
+    ax.set_ylabel("cross entropy (nats / byte)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "train_curves.png", dpi=120)
-    result = {"date": _now(), "device": torch.cuda.get_device_name(), "dataset": args.dataset, "runs": histories}
-    _write(result, "train_curves")
-    return result
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "train_curves.png", dpi=120)
+    plt.close(fig)
+
+    finals = {label: [e for e in run["history"] if e["kind"] == "eval"][-1] for label, run in histories.items()}
+    result = {"date": _now(), "device": _device_name(device), "dry_run": args.dry_run, "dataset": args.dataset,
+              "settings": {**size, "steps": steps, "eval_interval": eval_interval}, "runs": histories}
+    eval_steps = [e["iter"] for e in histories["sdpa"]["history"] if e["kind"] == "eval"]
+    lines = [f"# Loss curves: sdpa vs power deg 1 vs power deg 2 ({result['device']}, {result['date']})", "",
+             f"{title}; {steps} steps, learning rate 1e-3 (cosine to 1e-4), bf16 on GPU. Same data order, "
+             "same seed, equal steps and batches.", "",
+             "| run | final val loss | final train loss | wall s | median tokens / s |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {finals[label]['val_loss']:.4f} | {finals[label]['train_loss']:.4f} | "
+              f"{run['seconds']:.0f} | {run['tokens_per_s']:,.0f} |" for label, run in histories.items()]
+    lines += ["", "Validation loss at each evaluation:", "",
+              "| step | " + " | ".join(histories) + " |", "|---" * (len(histories) + 1) + "|"]
+    for i, step in enumerate(eval_steps):
+        values = [[e for e in run["history"] if e["kind"] == "eval"][i]["val_loss"] for run in histories.values()]
+        lines.append(f"| {step} | " + " | ".join(f"{value:.4f}" for value in values) + " |")
+    lines += ["", "![loss curves](train_curves.png)"]
+    _write(out, "train_curves", result, "\n".join(lines) + "\n")
+    start_loss = next(e for e in histories["sdpa"]["history"] if e["kind"] == "eval")["val_loss"]
+    passed = all(final["val_loss"] < start_loss for final in finals.values())
+    print(f"[{'PASS' if passed else 'FAIL'}] curves: final val losses "
+          + ", ".join(f"{label} {final['val_loss']:.4f}" for label, final in finals.items())
+          + f" (start {start_loss:.4f})", flush=True)
+    return passed
 
 
-def parallel(args) -> dict:
-    if torch.cuda.device_count() < 2:
-        raise SystemExit("parallel needs 2 GPUs")
-    common = {"dataset": args.dataset, "data_root": args.data_root, "max_iters": 30, "eval_interval": 30,
-              "eval_iters": 2, "log_interval": 1, "n_layer": 4, "n_head": 8, "n_embd": 512, "block_size": 4096,
-              "chunk_size": 512, "sample_tokens": 0, "progress": False, "learning_rate": 1e-3}
+# --- DDP and context parallel ---------------------------------------------------------------------------------
+
+
+def _child_env(dry_run: bool) -> dict:
+    """The environment of the launched trainings: PYTHONPATH made absolute (torchrun workers may start
+    elsewhere), one OpenMP thread per CPU process in the dry run."""
+    env = dict(os.environ)
+    paths = [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if dry_run:
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _launch(command: list[str], env: dict, timeout: float) -> tuple[int, str]:
+    """Run ``command`` in its own process group; on timeout kill the whole group (torchrun and its workers)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return -1, f"{output}\n[timed out after {timeout:.0f} s]"
+    return process.returncode, output
+
+
+def parallel(args, device: torch.device, out: Path) -> bool:
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        print("[FAIL] parallel: needs 2 GPUs, found", torch.cuda.device_count(), flush=True)
+        return False
+    if args.dry_run:
+        common = {"max_iters": 3, "eval_iters": 1, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64,
+                  "chunk_size": 16, "device": "cpu"}
+        batch, tolerance = 4, 1e-4  # fp32 on the CPU
+    else:
+        common = {"max_iters": 30, "eval_iters": 2, "n_layer": 4, "n_head": 8, "n_embd": 512, "block_size": 4096,
+                  "chunk_size": 512}
+        batch, tolerance = 8, 1e-2  # bf16 autocast
+    common.update({"dataset": args.dataset, "data_root": args.data_root, "eval_interval": common["max_iters"],
+                   "log_interval": 1, "sample_tokens": 0, "progress": False, "learning_rate": 1e-3,
+                   "attention_kernel": "power", "degree": 2})
     flags = [f"--{k}={v}" for k, v in common.items()]
-    results = {}
-    for name, launcher, extra in (
-        ("1 GPU", [sys.executable, "-m", "retention_train.train"], ["--batch_size=8"]),
-        ("DDP 2 GPUs", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "retention_train.train"], ["--batch_size=4"]),
-        ("context parallel 2 GPUs", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                     "--nproc_per_node=2", "-m", "retention_train.train"],
-         ["--batch_size=8", "--context_parallel=True"]),
-    ):
-        out = Path(args.work) / name.replace(" ", "_")
-        run = subprocess.run([*launcher, *flags, *extra, f"--out_dir={out}"], capture_output=True, text=True)
-        if run.returncode:
-            raise SystemExit(f"{name} failed:\n{run.stderr[-4000:]}")
-        history = torch.load(out / "ckpt.pt", weights_only=False)["history"]
-        train_entries = [e for e in history if e["kind"] == "train"]
-        results[name] = {"losses": [e["loss"] for e in train_entries],
-                         "tokens_per_s": sum(e["tokens_per_s"] for e in train_entries[5:]) / len(train_entries[5:])}
-        print(name, results[name]["losses"][-1], results[name]["tokens_per_s"], flush=True)
-    reference = results["1 GPU"]["losses"]
-    for name in ("DDP 2 GPUs", "context parallel 2 GPUs"):
-        worst = max(abs(a - b) / abs(b) for a, b in zip(results[name]["losses"], reference))
-        results[name]["max_relative_loss_difference_to_1_gpu"] = worst
-    result = {"date": _now(), "device": torch.cuda.get_device_name(), "settings": common, "runs": results}
-    _write(result, "train_parallel")
-    return result
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "retention_train.train"]
+    launches = (
+        ("1 GPU", [sys.executable, "-m", "retention_train.train"], [f"--batch_size={batch}"]),
+        ("DDP 2 GPUs", torchrun, [f"--batch_size={batch // 2}"]),
+        ("context parallel 2 GPUs", torchrun, [f"--batch_size={batch}", "--context_parallel=True"]),
+    )
+    env = _child_env(args.dry_run)
+    results, passed = {}, True
+    for label, launcher, extra in launches:
+        run_dir = Path(args.work) / label.replace(" ", "_")
+        command = [*launcher, *flags, *extra, f"--out_dir={run_dir}"]
+        start = time.perf_counter()
+        code, output = _launch(command, env, args.launch_timeout)
+        seconds = time.perf_counter() - start
+        if code != 0:
+            print(f"[FAIL] parallel: {label} exited with {code} after {seconds:.0f} s:\n{output[-4000:]}", flush=True)
+            results[label] = {"error": output[-4000:], "seconds": seconds}
+            passed = False
+            continue
+        history = torch.load(run_dir / "ckpt.pt", weights_only=False)["history"]
+        trains = [e for e in history if e["kind"] == "train"]
+        steady = trains[len(trains) // 4:]  # after compiles and autotuning
+        results[label] = {"losses": [e["loss"] for e in trains], "seconds": seconds,
+                          "tokens_per_s": statistics.median(e["tokens_per_s"] for e in steady)}
+        print(f"{label}: last loss {trains[-1]['loss']:.5f}, {results[label]['tokens_per_s']:,.0f} tokens/s, "
+              f"{seconds:.0f} s (start-up included)", flush=True)
+    reference = results["1 GPU"].get("losses")
+    for label in ("DDP 2 GPUs", "context parallel 2 GPUs"):
+        losses = results[label].get("losses")
+        if reference is None or losses is None:
+            continue
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+        ok = len(losses) == len(reference) and worst <= tolerance
+        results[label]["max_relative_loss_difference_to_1_gpu"] = worst
+        results[label]["passed"] = ok
+        passed &= ok
+        print(f"[{'PASS' if ok else 'FAIL'}] parallel: {label} losses vs 1 GPU over {len(losses)} steps: "
+              f"max relative difference {worst:.2e} (tolerance {tolerance:.0e})", flush=True)
+    result = {"date": _now(), "device": _device_name(device), "dry_run": args.dry_run, "settings": common,
+              "global_batch": batch, "tolerance": tolerance, "runs": results}
+    lines = [f"# DDP and context parallel vs one device ({result['device']}, {result['date']})", "",
+             f"power deg 2, {common['n_layer']} layers x {common['n_embd']}, context {common['block_size']}, "
+             f"chunk {common['chunk_size']}, global batch {batch}, {common['max_iters']} steps.", "",
+             "| run | max rel. loss diff to 1 device | median tokens / s | wall s (with start-up) |",
+             "|---|---|---|---|"]
+    for label, run in results.items():
+        diff = run.get("max_relative_loss_difference_to_1_gpu")
+        lines.append(f"| {label} | {'-' if diff is None else f'{diff:.2e}'} | "
+                     f"{run.get('tokens_per_s', float('nan')):,.0f} | {run['seconds']:.0f} |")
+    _write(out, "train_parallel", result, "\n".join(lines) + "\n")
+    return passed
 
 
-def _write(result: dict, stem: str, markdown: str | None = None) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    if markdown:
-        (RESULTS / f"{stem}.md").write_text(markdown)
+# --- command line ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["throughput", "curves", "parallel"])
-    parser.add_argument("--context", type=int, default=16384)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("what", nargs="+", choices=["throughput", "curves", "parallel"])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check every code path")
+    parser.add_argument("--out", default=None, help="results folder (default: $OUT, else benchmarks/results)")
+    parser.add_argument("--context", type=int, default=None, help="throughput context (16384; dry run 256)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--chunk_deg1", type=int, default=None, help="throughput chunk, degree 1 (128)")
+    parser.add_argument("--chunk_deg2", type=int, default=None, help="throughput chunk, degree 2 (1024)")
     parser.add_argument("--checkpoint_activations", action="store_true")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=None, help="throughput warm-up steps (3; dry run 1)")
+    parser.add_argument("--steps", type=int, default=None, help="throughput timed steps (10; dry run 2)")
+    parser.add_argument("--attention_reps", type=int, default=None, help="attention timing repeats (20; dry 2)")
+    parser.add_argument("--curve_steps", type=int, default=600)
     parser.add_argument("--dataset", default="default")
-    parser.add_argument("--data_root", default="/tmp/retention_train_data")
-    parser.add_argument("--work", default="/tmp/retention_train_gpu", help="checkpoints (large; not kept)")
-    args = parser.parse_args()
-    if args.what == "curves" and args.steps == 10:
-        args.steps = 600
-    {"throughput": throughput, "curves": curves, "parallel": parallel}[args.what](args)
+    parser.add_argument("--data_root", default=None, help="default: /tmp/retention_train_data")
+    parser.add_argument("--work", default=None, help="checkpoints (large; not kept)")
+    parser.add_argument("--launch_timeout", type=float, default=150.0, help="seconds per parallel launch")
+    args = parser.parse_args(argv)
+    dry = args.dry_run
+    defaults = {"context": (256, 16384), "chunk_deg1": (32, 128), "chunk_deg2": (64, 1024), "warmup": (1, 3),
+                "steps": (2, 10), "attention_reps": (2, 20)}
+    for name, (dry_value, value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, dry_value if dry else value)
+    if args.work is None:
+        args.work = tempfile.mkdtemp(prefix="retention_train_gpu_dry_") if dry else "/tmp/retention_train_gpu"
+    if args.data_root is None:
+        args.data_root = str(Path(args.work) / "data") if dry else "/tmp/retention_train_data"
+    if args.out is None:
+        if dry:
+            args.out = str(Path(args.work) / "results")
+        else:
+            args.out = os.environ.get("OUT") or str(Path(__file__).parent / "results")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        device = torch.device("cpu")
+        if args.dataset == "default" and not (Path(args.data_root) / "default" / "meta.json").is_file():
+            prepare_default(Path(args.data_root) / "default", max_bytes=DRY_DATA_BYTES)  # small: seconds
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU: run with --dry-run to check the code paths on the CPU")
+        device = torch.device("cuda")
+    out = Path(args.out)
+    modes = {"throughput": throughput, "curves": curves, "parallel": parallel}
+    passed = {}
+    for what in dict.fromkeys(args.what):  # each mode once, in the order given
+        start = time.perf_counter()
+        passed[what] = modes[what](args, device, out)
+        print(f"{what}: {time.perf_counter() - start:.0f} s", flush=True)
+    print("results in", out)
+    print(" ".join(f"{what}={'PASS' if ok else 'FAIL'}" for what, ok in passed.items()))
+    return 0 if all(passed.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

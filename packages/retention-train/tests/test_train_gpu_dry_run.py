@@ -1,0 +1,63 @@
+"""benchmarks/train_gpu.py --dry-run: every code path of the GPU benchmark on the CPU at tiny sizes, so a device
+run does not fail on a typo. ``throughput`` and ``curves`` run in-process (a few seconds); ``parallel`` launches
+three trainings (1 process, 2 gloo DDP processes, 2 gloo context-parallel processes: ~20-50 s on 2 cores) and is
+marked ``slow`` (deselect with ``-m "not slow"``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "train_gpu.py"
+pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not part of this checkout")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_and_curves_dry_run(tmp_path, data_root):
+    train_gpu = load_script()
+    out = tmp_path / "results"
+    code = train_gpu.main(["throughput", "curves", "--dry-run", f"--out={out}", f"--work={tmp_path}",
+                           f"--data_root={data_root}"])
+    assert code == 0
+    result = json.loads((out / "train_throughput.json").read_text())
+    rows = {row["run"]: row for row in result["rows"]}
+    assert list(rows) == ["sdpa", "power deg 1", "power deg 2"]
+    assert [rows[r]["chunk_size"] for r in rows] == [None, 32, 64]
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["attention_fwd_bwd_ms"] > 0 and 0 < row["attention_share"]
+        assert 4.0 < row["loss"] < 6.5  # ln 256 = 5.55 for the untrained model, in bf16 autocast
+    assert "| power deg 2 | 64 |" in (out / "train_throughput.md").read_text()
+    curves = json.loads((out / "train_curves.json").read_text())
+    assert list(curves["runs"]) == ["sdpa", "power deg 1", "power deg 2"]
+    for run in curves["runs"].values():
+        assert [e["iter"] for e in run["history"] if e["kind"] == "eval"] == [0, 2, 4]
+    assert (out / "train_curves.png").stat().st_size > 1000
+    assert "| power deg 1 |" in (out / "train_curves.md").read_text()
+
+
+@pytest.mark.slow
+def test_parallel_dry_run(tmp_path, data_root, monkeypatch):
+    # The launched trainings import the packages from PYTHONPATH (made absolute for torchrun's workers).
+    src = [str(Path(__file__).resolve().parents[2].parent / name / "src")
+           for name in ("retention-core", "retention-kernels", "retention-train")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*src, os.environ.get("PYTHONPATH", "")]))
+    train_gpu = load_script()
+    out = tmp_path / "results"
+    code = train_gpu.main(["parallel", "--dry-run", f"--out={out}", f"--work={tmp_path}", f"--data_root={data_root}",
+                           "--launch_timeout=240"])
+    result = json.loads((out / "train_parallel.json").read_text())
+    assert code == 0, result
+    for label in ("DDP 2 GPUs", "context parallel 2 GPUs"):
+        run = result["runs"][label]
+        assert run["passed"] and run["max_relative_loss_difference_to_1_gpu"] <= 1e-4
+        assert len(run["losses"]) == 3
