@@ -1,12 +1,19 @@
-"""PNG plots of a benchmark report (the dict that ``suite.py`` writes as JSON).
+"""PNG plots of a benchmark report (the dict that ``suite.py`` writes as JSON), and its section of the docs.
 
-    python benchmarks/plots.py benchmarks/results/cpu-2025-01-01.json    # re-plot a saved report
+    python benchmarks/plots.py benchmarks/results/cpu-2025-01-01.json          # re-plot a saved report
+    python benchmarks/plots.py --docs benchmarks/results/nvidia-h200-....json  # put it on the docs page
+
+``--docs`` writes the plots as ``docs/assets/benchmarks/<gpu|cpu>-{throughput,tflops,breakdown,decode}.png``
+and replaces the part of ``docs/benchmarks.md`` between ``<!-- results:gpu:start -->`` and
+``<!-- results:gpu:end -->`` (``cpu`` for a CPU run) with the run's tables and those images.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -134,6 +141,10 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+PLOTS = ("throughput", "tflops", "breakdown", "decode")
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def plot_all(report: dict, stem: Path) -> list[Path]:
     """Write ``<stem>-throughput.png``, ``-tflops.png``, ``-breakdown.png`` and (with a decode suite)
     ``-decode.png``; returns their paths."""
@@ -147,7 +158,123 @@ def plot_all(report: dict, stem: Path) -> list[Path]:
     return paths
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The docs page
+
+
+def docs_kind(report: dict) -> str:
+    """``gpu`` or ``cpu``: which section of the benchmarks page (and which ``<kind>-*.png``) a report fills."""
+    return report["config"].get("protocol") or ("gpu" if report["config"]["device"] == "cuda" else "cpu")
+
+
+def update_docs(report: dict, page: Path = ROOT / "docs" / "benchmarks.md",
+                assets: Path = ROOT / "docs" / "assets" / "benchmarks") -> list[Path]:
+    """Write the plots as ``assets/<kind>-<plot>.png`` and replace the section of ``page`` between
+    ``<!-- results:<kind>:start -->`` and ``<!-- results:<kind>:end -->`` with :func:`results_markdown`."""
+    kind = docs_kind(report)
+    start, end = f"<!-- results:{kind}:start -->", f"<!-- results:{kind}:end -->"
+    text = page.read_text()
+    if start not in text or end not in text or text.index(start) > text.index(end):
+        raise ValueError(f"{page} must contain {start} followed by {end} (where the results go)")
+    assets.mkdir(parents=True, exist_ok=True)
+    written = plot_all(report, assets / kind)
+    images = {path.name[len(kind) + 1: -len(".png")]: path for path in written}
+    prefix = Path(os.path.relpath(assets.resolve(), page.resolve().parent)).as_posix()  # links relative to the page
+    section = results_markdown(report, {plot: f"{prefix}/{path.name}" for plot, path in images.items()})
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    page.write_text(f"{before}{start}\n{section}\n{end}{after}")
+    return [*written, page]
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_markdown(report: dict, images: dict[str, str]) -> str:
+    """The run as Markdown: what was measured, the training table (one column per method), the decode table, the
+    breakdown, the notes and the plots (``images``: plot name -> path relative to the page)."""
+    config = report["config"]
+    lines = [
+        f"Measured {report['date'][:10]} on {report['device']}, torch {report['torch']}, retention "
+        f"{report['retention']}; measured matrix rate {report['matmul_tflops']:.1f} TFLOP/s ({config['dtype']}). "
+        f"{config['dtype']}, b*t = {config['tokens']}, h = {config['heads']}, gating "
+        f"{'on' if config['gating'] else 'off'}, chunk {config['chunk_size'] or 'each backend default'}. "
+        f"Files: `benchmarks/results/{report['stem']}.{{json,csv}}`, `{report['stem']}-decode.csv`"
+        + ("" if report.get("complete", True) else " (the run stopped before the end: partial results)") + ".",
+        "",
+    ]
+    rows = [row for row in report["training"]]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    ours = [m for m in methods if m.startswith("retention")]
+    if rows:
+        header = ["pass", "deg", "d", "t", "b", *[f"`{m}` ms" for m in methods],
+                  *[f"`{m}` vs best SDPA" for m in ours], *[f"`{m}` TFLOP/s (% matmul)" for m in ours]]
+        lines += ["Milliseconds per call (median; `-`: skipped or failed, see the notes and the JSON):", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
+        by_key = {}
+        for row in rows:
+            by_key.setdefault((row["pass"], row["deg"], row["head_dim"], row["t"], row["b"]), {})[row["method"]] = row
+        for (pass_, deg, d, t, b), cells in by_key.items():
+            times = [_number(cells[m]["ms"], ".3f") if m in cells else "" for m in methods]
+            speedups = [_number(cells[m]["speedup_vs_sdpa"], ".2f") + "x" * (cells.get(m, {}).get("speedup_vs_sdpa")
+                        is not None) if m in cells else "" for m in ours]
+            rates = [f"{cells[m]['tflops']:.1f} ({100 * cells[m]['fraction_of_matmul']:.0f}%)"
+                     if m in cells and cells[m]["tflops"] is not None else "-" for m in ours]
+            lines.append(f"| {pass_} | {deg} | {d} | {t} | {b} | " + " | ".join(times + speedups + rates) + " |")
+        lines.append("")
+    if report["decode"]:
+        decode_methods = list(dict.fromkeys(row["method"] for row in report["decode"]))
+        lines += [f"Decode (one token, batch {config['decode_batch']}, deg {report['decode'][0]['deg'] or 2}, "
+                  f"median step; cache MiB per layer):", "",
+                  "| context | " + " | ".join(f"`{m}` ms | MiB" for m in decode_methods) + " |",
+                  "|---:|" + "---:|---:|" * len(decode_methods)]
+        contexts = list(dict.fromkeys(row["context"] for row in report["decode"]))
+        for context in contexts:
+            cells = {row["method"]: row for row in report["decode"] if row["context"] == context}
+            values = []
+            for method in decode_methods:
+                row = cells.get(method, {"ms": None, "cache_bytes": None})
+                mib = None if row["cache_bytes"] is None else row["cache_bytes"] / 2**20
+                values += [_number(row["ms"], ".3f"), _number(mib, ".2f")]
+            lines.append(f"| {context} | " + " | ".join(values) + " |")
+        lines.append("")
+    for name, item in report["breakdown"].items():
+        if "kernels_ms" not in item:
+            lines.append(f"- Breakdown of `{name}`: {item['error']}")
+            continue
+        top = ", ".join(f"`{_shorten(key, 70)}` {ms:.2f} ms" for key, ms in item["kernels_ms"].items() if ms > 0)
+        lines.append(f"- Breakdown of `{name}` ({item['pass']}, t = {item['case']['t']}, total "
+                     f"{item['total_ms']:.2f} ms): {top}.")
+    notes = report["notes"] + sorted({f"`{row['method']}`: {row['note']}" for row in rows if row["note"]})
+    lines += [f"- Note: {_escape_pipes(note)}" for note in notes]
+    titles = {"throughput": "Throughput by context length", "tflops": "Achieved TFLOP/s against the measured "
+              "matrix rate", "breakdown": "Time breakdown by kernel", "decode": "Decode latency and cache memory"}
+    for plot in PLOTS:
+        if plot in images:
+            lines += ["", f"![{titles[plot]}]({images[plot]})"]
+    return "\n".join(lines)
+
+
+def _escape_pipes(text: str) -> str:
+    return re.sub(r"\s+", " ", text).replace("|", "\\|")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Plot saved benchmark reports (suite.py JSON).")
+    parser.add_argument("reports", nargs="+", type=Path)
+    parser.add_argument("--docs", action="store_true",
+                        help="write docs/assets/benchmarks/<gpu|cpu>-*.png and the results section of the page instead")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md", help=argparse.SUPPRESS)
+    parser.add_argument("--assets", type=Path, default=ROOT / "docs" / "assets" / "benchmarks", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for source in args.reports:
+        report = json.loads(source.read_text())
+        if args.docs:
+            print(*update_docs(report, args.page, args.assets), sep="\n")
+        else:
+            print(*plot_all(report, source.with_suffix("")), sep="\n")
+
+
 if __name__ == "__main__":
-    for argument in sys.argv[1:]:
-        source = Path(argument)
-        print(*plot_all(json.loads(source.read_text()), source.with_suffix("")), sep="\n")
+    main()

@@ -1,17 +1,23 @@
 """The benchmark suite: power retention against PyTorch SDPA (and flash-attn, fla when installed).
 
     nox -s bench                 # the full suite for this machine's device
-    nox -s bench -- --quick      # about a minute
+    nox -s bench -- --quick      # a short run (GPU: about 3 minutes with Triton's first compiles)
+    nox -s bench -- --dry-run    # the GPU protocol's code at tiny shapes on CPU (Triton interpreted), ~30 s
     python benchmarks/suite.py --help
 
 On a GPU it runs the SPEC.md section 6 protocol (bf16, gating on, ``b * t = 65536`` tokens, ``t`` from 1k to
 64k, deg 1/2/4, head dims 32/64/128, fwd, bwd and fwd+bwd); on a CPU the same shapes scaled down (fp32,
-``b * t = 8192``, ``t`` from 512 to 8192, 4 heads, deg 2, head dim 64). Every installed backend of ours runs
-(``retention.available_backends()``); one that cannot run a case is skipped with its reason. Baselines run
-in the same process on the same shapes. FLOPs come from :func:`retention.flops.power_retention_cost`.
+``b * t = 8192``, ``t`` from 512 to 8192, 4 heads, deg 2, head dim 64). Every installed backend of ours that
+runs on the device takes part (``retention.available_backends()``); baselines run in the same process on the
+same shapes. FLOPs come from :func:`retention.flops.power_retention_cost`.
+
+One failing, hanging or out-of-memory case never loses the run: its row records why (``--case-timeout``), and
+``--time-budget`` stops starting new cases in time for the decode suite, the breakdown and the plots. The JSON is
+rewritten after every case, so a run cut off from outside still leaves its rows.
 
 Outputs, under ``--out`` (default ``benchmarks/results/``), named ``<device>-<date>``: a JSON file with
 everything, ``.csv`` (training suite) and ``-decode.csv`` (inference suite), and PNG plots.
+``--docs`` also writes the plots and a results section into the documentation (see ``plots.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import re
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +48,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import retention
+from retention._validate import validate
+from retention.backends import get_backend
 from retention.flops import PASSES, power_retention_cost
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,6 +65,7 @@ class Config:
     """What one run measures."""
 
     device: str
+    protocol: str  # "gpu" (SDPA kernels, flash-attn, fla, CUDA graphs) or "cpu"; a dry run is "gpu" on CPU
     dtype: str
     tokens: int  # b * t, fixed across context lengths
     contexts: list[int]
@@ -66,29 +78,38 @@ class Config:
     decode_contexts: list[int]
     decode_batch: int
     decode_steps: int
+    decode_window: int  # switch_over_seq_len of the decode caches
     warmup: int  # CPU timer: untimed calls first
     repeats: int  # CPU timer: timed calls (the median is reported)
     matmul_size: int
     memory_budget_gb: float  # a method whose estimated memory exceeds this is skipped with a note
+    case_timeout_s: float | None  # a case running longer is stopped and recorded as failed
+    time_budget_s: float | None  # no new case starts once the phase's share of this is spent
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
 
-def default_config(device: str, quick: bool) -> Config:
+def default_config(device: str, quick: bool, dry_run: bool = False) -> Config:
+    """The protocol for ``device``; ``dry_run``: the GPU protocol's code at tiny shapes on CPU."""
+    if dry_run:
+        return Config("cpu", "gpu", "bfloat16", 128, [32, 64], [2, 1], [16], 2, list(PASSES), None, True,
+                      [40, 100], 1, 3, 32, 0, 1, 256, 1.0, 60.0, None)
     if device == "cuda":
         total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
         if quick:
-            return Config(device, "bfloat16", 65536, [1024, 16384], [2], [64], 8, ["fwd", "fwd+bwd"], None, True,
-                          [1024, 16384], 1, 20, 0, 0, 8192, 0.6 * total_gb)
-        return Config(device, "bfloat16", 65536, [1024, 4096, 16384, 65536], [1, 2, 4], [32, 64, 128], 8,
-                      list(PASSES), None, True, [1024, 4096, 16384, 65536], 1, 50, 0, 0, 8192, 0.6 * total_gb)
+            return Config(device, "gpu", "bfloat16", 65536, [1024, 4096, 16384, 65536], [2, 1], [64], 8,
+                          ["fwd", "fwd+bwd"], None, True, [1024, 4096, 16384, 65536], 1, 20, 512, 0, 0, 8192,
+                          0.6 * total_gb, 120.0, 270.0)
+        return Config(device, "gpu", "bfloat16", 65536, [1024, 4096, 16384, 65536], [2, 1, 4], [64, 32, 128], 8,
+                      list(PASSES), None, True, [1024, 4096, 16384, 65536], 1, 50, 512, 0, 0, 8192,
+                      0.6 * total_gb, 300.0, None)
     if quick:
-        return Config(device, "float32", 2048, [512, 2048], [2], [64], 4, ["fwd", "fwd+bwd"], None, True,
-                      [512, 4096], 1, 10, 1, 3, 2048, 3.0)
-    return Config(device, "float32", 8192, [512, 1024, 2048, 4096, 8192], [2], [64], 4, list(PASSES), None, True,
-                  [512, 2048, 8192], 1, 20, 1, 5, 2048, 6.0)
+        return Config(device, "cpu", "float32", 2048, [512, 2048], [2], [64], 4, ["fwd", "fwd+bwd"], None, True,
+                      [512, 4096], 1, 10, 512, 1, 3, 2048, 3.0, 300.0, None)
+    return Config(device, "cpu", "float32", 8192, [512, 1024, 2048, 4096, 8192], [2], [64], 4, list(PASSES), None,
+                  True, [512, 2048, 8192], 1, 20, 512, 1, 5, 2048, 6.0, 600.0, None)
 
 
 def device_name(device: str) -> str:
@@ -108,7 +129,7 @@ def slug(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Timing
+# Timing and guards
 
 
 def log(message: str) -> None:
@@ -148,6 +169,72 @@ def matmul_tflops(config: Config) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+class CaseTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise :class:`CaseTimeout` in the block after ``seconds`` (SIGALRM: Python code such as Triton's autotuner
+    is interrupted; a single long kernel or compile step only when it returns). No limit off the main thread."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"stopped after the per-case limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# When each phase stops starting new cases, as fractions of --time-budget (the rest is left to the later phases).
+BUDGET_SHARES = {"training": 0.70, "decode": 0.88, "breakdown": 0.95}
+
+
+class Budget:
+    """The run's time budget (None: no limit): each phase may start new cases until its share is spent."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def spent(self, phase: str) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.start > BUDGET_SHARES[phase] * self.seconds
+
+    def note(self, phase: str) -> str:
+        return f"skipped: the {phase} share of --time-budget {self.seconds:g} s was spent"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def guarded(fn: Callable[[], object], config: Config) -> tuple[object, str]:
+    """``(fn(), "")``, or ``(None, why not)``: out of memory, over the per-case time limit, or any error. Device
+    memory is given back afterwards, so the next case starts clean."""
+    try:
+        with time_limit(config.case_timeout_s):
+            return fn(), ""
+    except Exception as error:
+        if is_out_of_memory(error):
+            return None, "skipped: out of memory"
+        return None, f"failed: {short(error)}"
+    finally:
+        if config.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Methods: ours (one per installed backend) and the baselines
 
@@ -173,6 +260,10 @@ class Method:
     skip: Callable[[Case, Config], str | None]
     depends_on_deg: bool = True  # softmax baselines give the same time for every deg: measured once
     chunk: Callable[[Case, Config], int] | None = None  # ours: the chunk length the call uses
+
+
+def never_skip(case: Case, config: Config) -> None:
+    return None
 
 
 def random_qkvg(case: Case, config: Config, requires_grad: bool, heads_first: bool = False):
@@ -206,6 +297,13 @@ def default_chunk(backend: str, case: Case) -> int:
     raise ValueError(f"the benchmark does not know backend {backend!r}'s default chunk: pass --chunk-size")
 
 
+def backend_refuses(name: str, case: Case, config: Config) -> str | None:
+    """Why backend ``name`` cannot run ``case`` on this device and dtype (its ``supports`` check on a tiny
+    problem: nothing is compiled), or None."""
+    x = torch.zeros(1, 1, case.heads, case.head_dim, device=config.device, dtype=config.torch_dtype)
+    return get_backend(name).supports(validate(x, x, x, None, None, None, case.deg, None, None, True))
+
+
 def ours(backend: str) -> Method:
     def chunk(case, config):
         return default_chunk(backend, case) if config.chunk_size is None else min(config.chunk_size, case.t)
@@ -220,6 +318,9 @@ def ours(backend: str) -> Method:
         return run, [x for x in (q, k, v, log_g) if x is not None]
 
     def skip(case, config):
+        reason = backend_refuses(backend, case, config)
+        if reason:
+            return reason
         if backend == "reference":
             # The reference materialises phi(q) [b, t, hq, D], the per-chunk states and the c x c blocks in
             # fp32; autograd keeps about three times that.
@@ -237,19 +338,26 @@ def ours(backend: str) -> Method:
 SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
-def sdpa(kernel: str | None) -> Method:
-    """``scaled_dot_product_attention(is_causal=True)`` on ``[b, h, t, d]`` inputs, forced to one kernel (GPU) or
-    PyTorch's default choice (``kernel=None``, the CPU baseline)."""
+def sdpa_context(kernel: str | None):
+    """A context that forces SDPA kernel ``kernel`` (None: PyTorch's default choice)."""
+    if kernel is None:
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     enum = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    return sdpa_kernel(enum[kernel])
+
+
+def sdpa(kernel: str | None) -> Method:
+    """``scaled_dot_product_attention(is_causal=True)`` on ``[b, h, t, d]`` inputs, forced to one kernel (GPU) or
+    PyTorch's default choice (``kernel=None``, the CPU baseline)."""
 
     def build(case, config, requires_grad):
         q, k, v, _ = random_qkvg(case, config, requires_grad, heads_first=True)
 
         def run():
-            with sdpa_kernel(enum[kernel]) if kernel else contextlib.nullcontext():
+            with sdpa_context(kernel):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         return run, [q, k, v]
@@ -265,14 +373,37 @@ def sdpa(kernel: str | None) -> Method:
     return Method(f"sdpa[{kernel or 'default'}]", False, build, skip, depends_on_deg=False)
 
 
+def sdpa_refuses(kernel: str, config: Config) -> str | None:
+    """Why SDPA kernel ``kernel`` cannot run fwd+bwd here (a tiny call), or None."""
+    q = torch.randn(1, 1, 8, config.head_dims[0], device=config.device, dtype=config.torch_dtype,
+                    requires_grad=True)
+    try:
+        with sdpa_context(kernel), warnings_silenced():
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    except RuntimeError as error:
+        return short(error)
+    return None
+
+
+@contextlib.contextmanager
+def warnings_silenced():
+    """SDPA warns at length why a forced kernel cannot run; the refusal is reported as a note instead."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def flash_attn() -> Method:
+    """flash-attn's ``flash_attn_func(q, k, v, causal=True)`` on ``[b, t, h, d]`` inputs."""
     from flash_attn import flash_attn_func
 
     def build(case, config, requires_grad):
         q, k, v, _ = random_qkvg(case, config, requires_grad)
         return (lambda: flash_attn_func(q, k, v, causal=True)), [q, k, v]
 
-    return Method("flash-attn", False, build, lambda case, config: None, depends_on_deg=False)
+    return Method("flash-attn", False, build, never_skip, depends_on_deg=False)
 
 
 def fla_simple_gla() -> Method:
@@ -284,14 +415,21 @@ def fla_simple_gla() -> Method:
         q, k, v, log_g = random_qkvg(case, config, requires_grad)
         return (lambda: chunk_simple_gla(q=q, k=k, v=v, g=log_g)[0]), [x for x in (q, k, v, log_g) if x is not None]
 
-    return Method("fla[simple_gla]", False, build, lambda case, config: None, depends_on_deg=False)
+    return Method("fla[simple_gla]", False, build, never_skip, depends_on_deg=False)
+
+
+OPTIONAL_BASELINES = ((flash_attn, "flash-attn", "pip install flash-attn"),
+                      (fla_simple_gla, "fla (flash-linear-attention)", "pip install flash-linear-attention"))
 
 
 def methods_for(config: Config, only: list[str] | None, quick: bool) -> tuple[list[Method], list[str]]:
     """Every method that can run here, and a note for each that cannot."""
     methods, notes = [], []
     for name in retention.available_backends():
-        reason = backend_refuses(name, config)
+        probe = Case(config.degs[0], config.head_dims[0], 1, 1, config.heads)
+        reason = backend_refuses(name, probe, config)
+        if config.protocol == "gpu" and config.device == "cpu" and name == "cpu":
+            reason = "dry run of the GPU protocol: the cpu backend does not run on a GPU"
         if reason:
             notes.append(f"retention[{name}] skipped: {reason}")
         else:
@@ -300,31 +438,26 @@ def methods_for(config: Config, only: list[str] | None, quick: bool) -> tuple[li
         # The reference is the differentiable oracle, not a fast path: it takes most of a quick run's time.
         methods = [m for m in methods if m.name != "retention[reference]"]
         notes.append("retention[reference] not run with --quick (add --methods retention[reference] to run it)")
-    if config.device == "cuda":
-        methods += [sdpa(kernel) for kernel in SDPA_BACKENDS]
-        for factory, package in ((flash_attn, "flash-attn"), (fla_simple_gla, "fla (flash-linear-attention)")):
+    if config.protocol == "gpu":
+        for kernel in SDPA_BACKENDS:
+            reason = sdpa_refuses(kernel, config)
+            if reason:
+                notes.append(f"sdpa[{kernel}] cannot run here: {reason}")
+            else:
+                methods.append(sdpa(kernel))
+        for factory, package, install in OPTIONAL_BASELINES:
             try:
                 methods.append(factory())
             except ImportError as error:
-                notes.append(f"{package} not installed, skipped ({error})")
+                notes.append(f"{package} not installed, skipped ({install}; {error})")
+            except Exception as error:  # installed but broken (e.g. built for another torch)
+                notes.append(f"{package} installed but not importable, skipped ({short(error)})")
     else:
         methods.append(sdpa(None))
         notes.append("flash-attn and fla need CUDA: not run on CPU")
     if only:
         methods = [m for m in methods if any(pattern in m.name for pattern in only)]
     return methods, notes
-
-
-def backend_refuses(name: str, config: Config) -> str | None:
-    """Why backend ``name`` cannot run on this device and dtype (asked with a tiny call), or None."""
-    x = torch.randn(1, 4, 1, 16, device=config.device, dtype=config.torch_dtype)
-    try:
-        retention.power_retention(x, x, x, deg=2, backend=name)
-    except ValueError as error:
-        if "cannot run this call" in str(error):
-            return str(error).split("cannot run this call: ", 1)[-1]
-        raise
-    return None
 
 
 def method_chunk(method: Method, case: Case, config: Config) -> int | None:
@@ -357,35 +490,41 @@ def timed_call(method: Method, case: Case, config: Config, pass_: str) -> Callab
     return lambda: torch.autograd.grad(run(), leaves, grad_out)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The training suite
 
 
-def run_training(config: Config, methods: list[Method], matmul: float, progress: Progress) -> list[dict]:
-    cases = [Case(deg, d, t, config.tokens // t, config.heads)
-             for deg in config.degs for d in config.head_dims for t in config.contexts]
+def training_cases(config: Config) -> list[Case]:
+    """Every (deg, head dim, t) in the order measured: the degs and head dims as configured (the standard
+    problem first), contexts ascending, so a run stopped early has the standard problem at every length."""
+    return [Case(deg, d, t, config.tokens // t, config.heads)
+            for deg in config.degs for d in config.head_dims for t in sorted(config.contexts)]
+
+
+def run_training(config: Config, methods: list[Method], matmul: float, progress: Progress, budget: Budget,
+                 save: Callable[[], None], rows: list[dict]) -> None:
+    """Measure every (case, pass, method) into ``rows`` (``save()`` after each one)."""
+    cases = training_cases(config)
     task = progress.add_task("training suite", total=len(cases) * len(config.passes) * len(methods))
-    rows, softmax_times = [], {}  # softmax baselines do not depend on deg: time once per (method, pass, d, t)
-    for pass_ in config.passes:
-        for case in cases:
+    softmax_times = {}  # softmax baselines do not depend on deg: time once per (method, pass, d, t)
+    for case in cases:
+        for pass_ in config.passes:
             for method in methods:
                 progress.update(task, description=escape(f"{pass_} {method.name} deg={case.deg} t={case.t}"))
                 key = (method.name, pass_, case.head_dim, case.t)
                 if not method.depends_on_deg and key in softmax_times:
                     ms, note = softmax_times[key]
+                elif budget.spent("training"):
+                    ms, note = None, budget.note("training")
                 else:
                     ms, note = measure(method, case, config, pass_)
                     if not method.depends_on_deg:
                         softmax_times[key] = (ms, note)
                 rows.append(training_row(method, case, config, pass_, ms, note, matmul))
+                add_speedups(rows)
+                save()
                 progress.advance(task)
                 log(f"{pass_} {method.name} deg={case.deg} d={case.head_dim} t={case.t}: {fmt(ms, '.3f')} ms {note}")
-    add_speedups(rows)
-    return rows
 
 
 def measure(method: Method, case: Case, config: Config, pass_: str) -> tuple[float | None, str]:
@@ -393,20 +532,8 @@ def measure(method: Method, case: Case, config: Config, pass_: str) -> tuple[flo
     reason = method.skip(case, config)
     if reason:
         return None, f"skipped: {reason}"
-    try:
-        return median_ms(timed_call(method, case, config, pass_), config), ""
-    except Exception as error:
-        if is_out_of_memory(error):
-            return None, "skipped: out of memory"
-        return None, f"failed: {short(error)}"
-    finally:  # the inputs are gone with the call's frame: give their memory back before the next method
-        if config.device == "cuda":
-            torch.cuda.empty_cache()
-
-
-def short(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
+    # The inputs live in timed_call's closure: gone when guarded returns, before the cache is emptied.
+    return guarded(lambda: median_ms(timed_call(method, case, config, pass_), config), config)
 
 
 def training_row(method, case, config, pass_, ms, note, matmul) -> dict:
@@ -442,74 +569,82 @@ def breakdown(config: Config, methods: list[Method], top: int = 8) -> dict[str, 
     """Where our time goes, by torch op / kernel (torch.profiler, self time), for each backend of ours on the
     standard problem (deg 2 when measured, head dim 64 when measured, the longest context, fwd+bwd when
     measured). Time outside any torch op (e.g. numba kernels called from Python) is reported as such."""
-    from torch.profiler import ProfilerActivity, profile
-
     pass_ = "fwd+bwd" if "fwd+bwd" in config.passes else config.passes[0]
     deg = 2 if 2 in config.degs else config.degs[0]
     d = 64 if 64 in config.head_dims else config.head_dims[0]
     t = max(config.contexts)
     case = Case(deg, d, t, config.tokens // t, config.heads)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if config.device == "cuda" else [])
     result = {}
     for method in (m for m in methods if m.ours):
-        if method.skip(case, config):
+        reason = method.skip(case, config)
+        if reason:
+            result[method.name] = {"error": f"skipped: {reason}"}
             continue
         log(f"profiling {method.name} {pass_} t={t}")
-        try:
-            fn = timed_call(method, case, config, pass_)
-            fn()  # warm-up (compilation, autotuning)
-            synchronize(config.device)
-            start = time.perf_counter()
-            with profile(activities=activities) as prof:
-                fn()
-                synchronize(config.device)
-            wall_ms = 1e3 * (time.perf_counter() - start)
-            del fn
-        except Exception as error:
-            result[method.name] = {"error": short(error)}
-            continue
-        events = prof.key_averages()
-        if config.device == "cuda":
-            times = {e.key: e.self_device_time_total / 1e3 for e in events if e.self_device_time_total > 0}
-            total = sum(times.values())
-        else:
-            times = {e.key: e.self_cpu_time_total / 1e3 for e in events if e.self_cpu_time_total > 0}
-            total = wall_ms
-        ranked = sorted(times.items(), key=lambda item: -item[1])
-        kernels = dict(ranked[:top])
-        kernels["other ops"] = sum(ms for _, ms in ranked[top:])
-        if config.device == "cpu":
-            kernels["outside torch ops (python, numba)"] = max(0.0, wall_ms - sum(times.values()))
-        result[method.name] = {"case": dataclasses.asdict(case), "pass": pass_, "total_ms": total,
-                               "kernels_ms": kernels}
+        item, error = guarded(lambda method=method: profile_once(method, case, config, pass_, top), config)
+        result[method.name] = item if error == "" else {"error": error}
     return result
+
+
+def profile_once(method: Method, case: Case, config: Config, pass_: str, top: int) -> dict:
+    """One profiled call after a warm-up call (compilation, autotuning): the ``top`` ops or kernels by self time
+    (device time on GPU, CPU time on CPU), the rest summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if config.device == "cuda" else [])
+    fn = timed_call(method, case, config, pass_)
+    fn()
+    synchronize(config.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(config.device)
+    wall_ms = 1e3 * (time.perf_counter() - start)
+    events = prof.key_averages()
+    device_times = {e.key: e.self_device_time_total / 1e3 for e in events if e.self_device_time_total > 0}
+    cpu_times = {e.key: e.self_cpu_time_total / 1e3 for e in events if e.self_cpu_time_total > 0}
+    times = device_times if config.device == "cuda" else cpu_times
+    ranked = sorted(times.items(), key=lambda item: -item[1])
+    kernels = dict(ranked[:top])
+    kernels["other ops"] = sum(ms for _, ms in ranked[top:])
+    if config.device == "cuda":
+        total = sum(times.values())
+    else:
+        total = wall_ms
+        kernels["outside torch ops (python, numba, triton interpreter)"] = max(0.0, wall_ms - sum(times.values()))
+    return {"case": dataclasses.asdict(case), "pass": pass_, "total_ms": total, "kernels_ms": kernels}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The inference suite: one decode step against a context of T tokens
 
 
-def run_decode(config: Config, backends: list[str], progress: Progress) -> list[dict]:
+def run_decode(config: Config, backends: list[str], progress: Progress, budget: Budget,
+               save: Callable[[], None], rows: list[dict]) -> None:
+    """For each context: each backend's dynamic cache (eager steps), the static cache of backends with a fused
+    decode step (replayed from a CUDA graph on GPU; eager on CPU), and an SDPA KV cache."""
     deg = 2 if 2 in config.degs else config.degs[0]
     d = 64 if 64 in config.head_dims else config.head_dims[0]
-    b, h, dtype, device = config.decode_batch, config.heads, config.torch_dtype, config.device
-    task = progress.add_task("decode suite", total=len(config.decode_contexts) * (len(backends) + 1))
-    rows = []
-    for context in config.decode_contexts:
-        for backend in backends:
+    variants = [(backend, False) for backend in backends]
+    variants += [(backend, True) for backend in backends if get_backend(backend).decode_step is not None]
+    task = progress.add_task("decode suite", total=len(config.decode_contexts) * (len(variants) + 1))
+    for context in sorted(config.decode_contexts):
+        for backend, static in variants:
             progress.update(task, description=escape(f"decode retention[{backend}] context={context}"))
-            rows.append(decode_ours(backend, b, context, h, d, deg, dtype, device, config))
+            rows.append(decode_ours(backend, static, context, d, deg, config, budget))
+            save()
             progress.advance(task)
-            log(f"decode retention[{backend}] context={context}: {fmt(rows[-1]['ms'], '.3f')} ms {rows[-1]['note']}")
+            log(f"decode {rows[-1]['method']} context={context}: {fmt(rows[-1]['ms'], '.3f')} ms {rows[-1]['note']}")
         progress.update(task, description=f"decode sdpa context={context}")
-        rows.append(decode_sdpa(b, context, h, d, dtype, device, config))
+        rows.append(decode_sdpa(context, d, config, budget))
+        save()
         progress.advance(task)
-        log(f"decode sdpa context={context}: {fmt(rows[-1]['ms'], '.3f')} ms")
-    return rows
+        log(f"decode sdpa context={context}: {fmt(rows[-1]['ms'], '.3f')} ms {rows[-1]['note']}")
 
 
-def step_inputs(b, n, h, d, dtype, device):
-    q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(3))
+def step_inputs(b, n, h, d, config: Config):
+    device = config.device
+    q, k, v = (torch.randn(b, n, h, d, device=device, dtype=config.torch_dtype) for _ in range(3))
     return q, k, v, F.logsigmoid(torch.randn(b, n, h, device=device) + 4.0)
 
 
@@ -528,40 +663,71 @@ def median_step_ms(step: Callable[[], object], config: Config) -> float:
     return 1e3 * statistics.median(times)
 
 
-def decode_ours(backend, b, context, h, d, deg, dtype, device, config) -> dict:
-    row = {"method": f"retention[{backend}]", "context": context, "b": b, "heads": h, "head_dim": d, "deg": deg,
-           "dtype": config.dtype, "ms": None, "cache_bytes": None, "note": ""}
-    try:
+def decode_row(method: str, context: int, d: int, deg: int | None, config: Config) -> dict:
+    return {"method": method, "context": context, "b": config.decode_batch, "heads": config.heads, "head_dim": d,
+            "deg": deg, "dtype": config.dtype, "ms": None, "cache_bytes": None, "note": ""}
+
+
+def decode_ours(backend: str, static: bool, context: int, d: int, deg: int, config: Config, budget: Budget) -> dict:
+    """A cache prefilled with ``context`` tokens, then one-token steps. ``static``: the fixed-buffer cache; on
+    CUDA each step is replayed from a :class:`retention.inference.DecodeGraph` (what a generation loop uses)."""
+    graph = static and config.device == "cuda"
+    label = "static + cuda graph" if graph else "static" if static else "dynamic"
+    row = decode_row(f"retention[{backend}] {label}", context, d, deg, config)
+    if budget.spent("decode"):
+        row["note"] = budget.note("decode")
+        return row
+    b, h = config.decode_batch, config.heads
+
+    def measure_steps():
         with torch.no_grad():
-            cache = retention.PowerRetentionCache(deg=deg, backend=backend)
-            cache.step(*step_inputs(b, context, h, d, dtype, device))  # prefill: folds all but the window
-            row["ms"] = median_step_ms(lambda: cache.step(*step_inputs(b, 1, h, d, dtype, device)), config)
-            row["cache_bytes"] = cache.memory_bytes()
-    except Exception as error:
-        row["note"] = f"failed: {short(error)}"
+            cache = retention.PowerRetentionCache(deg=deg, switch_over_seq_len=config.decode_window, backend=backend,
+                                                  static=static)
+            cache.step(*step_inputs(b, context, h, d, config))  # prefill: folds all but the window
+            if graph:
+                from retention.inference import DecodeGraph
+
+                replay = DecodeGraph(cache, *step_inputs(b, 1, h, d, config))
+                inputs = step_inputs(b, 1, h, d, config)
+                ms = median_step_ms(lambda: replay(*inputs), config)
+            else:
+                ms = median_step_ms(lambda: cache.step(*step_inputs(b, 1, h, d, config)), config)
+            return ms, cache.memory_bytes()
+
+    result, row["note"] = guarded(measure_steps, config)
+    if result is not None:
+        row["ms"], row["cache_bytes"] = result
     return row
 
 
-def decode_sdpa(b, context, h, d, dtype, device, config) -> dict:
+def decode_sdpa(context: int, d: int, config: Config, budget: Budget) -> dict:
     """A preallocated KV cache ``[b, h, T + steps, d]``: write the new key/value, attend the query to the prefix."""
-    capacity = context + config.decode_steps + 8
-    keys = torch.randn(b, h, capacity, d, device=device, dtype=dtype)
-    values = torch.randn(b, h, capacity, d, device=device, dtype=dtype)
-    position = [context]
+    row = decode_row("sdpa kv-cache", context, d, None, config)
+    if budget.spent("decode"):
+        row["note"] = budget.note("decode")
+        return row
+    b, h, dtype, device = config.decode_batch, config.heads, config.torch_dtype, config.device
 
-    def step():
-        q, k, v, _ = step_inputs(b, 1, h, d, dtype, device)
-        n = position[0]
-        keys[:, :, n] = k[:, 0]
-        values[:, :, n] = v[:, 0]
-        position[0] = n + 1
-        return F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, : n + 1], values[:, :, : n + 1])
+    def measure_steps():
+        capacity = context + config.decode_steps + 8
+        keys = torch.randn(b, h, capacity, d, device=device, dtype=dtype)
+        values = torch.randn(b, h, capacity, d, device=device, dtype=dtype)
+        position = [context]
 
-    with torch.no_grad():
-        ms = median_step_ms(step, config)
-    item = torch.empty((), dtype=dtype).element_size()
-    return {"method": "sdpa kv-cache", "context": context, "b": b, "heads": h, "head_dim": d, "deg": None,
-            "dtype": config.dtype, "ms": ms, "cache_bytes": 2 * b * h * context * d * item, "note": ""}
+        def step():
+            q, k, v, _ = step_inputs(b, 1, h, d, config)
+            n = position[0]
+            keys[:, :, n] = k[:, 0]
+            values[:, :, n] = v[:, 0]
+            position[0] = n + 1
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, : n + 1], values[:, :, : n + 1])
+
+        with torch.no_grad():
+            return median_step_ms(step, config)
+
+    row["ms"], row["note"] = guarded(measure_steps, config)
+    row["cache_bytes"] = 2 * b * h * context * d * torch.empty((), dtype=dtype).element_size()
+    return row
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -613,6 +779,18 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_report(report: dict, out: Path) -> list[str]:
+    """``<stem>.json`` (atomically: a run killed while writing keeps the previous version), ``.csv`` and
+    ``-decode.csv``; returns the file names."""
+    stem = report["stem"]
+    partial = out / f"{stem}.json.partial"
+    partial.write_text(json.dumps(report, indent=1))
+    os.replace(partial, out / f"{stem}.json")
+    write_csv(out / f"{stem}.csv", report["training"])
+    write_csv(out / f"{stem}-decode.csv", report["decode"])
+    return [f"{stem}.json", f"{stem}.csv"] + [f"{stem}-decode.csv"] * bool(report["decode"])
+
+
 def parse_ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item]
 
@@ -622,6 +800,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a short run: fewer shapes and passes, no reference backend")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the GPU protocol's code (Triton backend interpreted, SDPA kernels, decode, breakdown, "
+                             "plots) at tiny shapes on CPU, to check the suite before spending GPU time")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
@@ -638,72 +819,104 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--decode-contexts", type=parse_ints)
     parser.add_argument("--methods", type=lambda text: text.split(","),
                         help="only methods whose name contains one of these, e.g. retention,sdpa[flash]")
+    parser.add_argument("--case-timeout", type=float, help="seconds one case may take (0: no limit)")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds for the whole run (0: no limit; GPU --quick default 270): no new case starts "
+                             "once a phase's share is spent, so decode, breakdown and plots still happen")
     parser.add_argument("--no-decode", action="store_true", help="skip the inference suite")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--docs", action="store_true",
-                        help="also copy the plots to docs/assets/benchmarks/<device kind>-*.png for the site")
+                        help="also write the plots to docs/assets/benchmarks/<gpu|cpu>-*.png and this run's results "
+                             "into the marked section of docs/benchmarks.md (see plots.py)")
     args = parser.parse_args(argv)
     for name, value in (("--passes", args.passes or []),):
         if set(value) - set(PASSES):
             parser.error(f"{name} must be among {PASSES}, got {value}")
+    if args.dry_run and args.device == "cuda":
+        parser.error("--dry-run runs on CPU: drop --device cuda")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+def make_config(args: argparse.Namespace) -> Config:
+    if args.dry_run:
+        device = "cpu"
+    else:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    config = default_config(device, args.quick)
+    config = default_config(device, args.quick, args.dry_run)
     overrides = {"contexts": args.contexts, "tokens": args.tokens, "degs": args.degs, "head_dims": args.head_dims,
                  "heads": args.heads, "passes": args.passes, "chunk_size": args.chunk_size, "dtype": args.dtype,
-                 "decode_contexts": args.decode_contexts}
+                 "decode_contexts": args.decode_contexts, "case_timeout_s": args.case_timeout,
+                 "time_budget_s": args.time_budget}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config.case_timeout_s = config.case_timeout_s or None  # 0: no limit
+    config.time_budget_s = config.time_budget_s or None
     if args.no_gating:
         config.gating = False
     bad = [t for t in config.contexts if config.tokens % t]
     if bad:
         raise SystemExit(f"--contexts must divide --tokens={config.tokens}, got {bad}")
+    return config
 
-    name = device_name(device)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.dry_run:
+        # The Triton backend runs on CPU tensors under the interpreter; read when its kernels are defined.
+        os.environ["TRITON_INTERPRET"] = "1"
+        kernels = sys.modules.get("retention_kernels.triton.function")
+        if kernels is not None and not kernels._INTERPRET:
+            raise SystemExit("--dry-run needs a fresh process: the Triton kernels were imported without "
+                             "TRITON_INTERPRET=1")
+    config = make_config(args)
+    name = device_name(config.device) + (" (dry run of the GPU protocol)" if args.dry_run else "")
+    stem = slug(f"{'cpu' if config.device == 'cpu' else name}-{datetime.date.today()}"
+                f"{'-dry-run' if args.dry_run else ''}{'-' + args.tag if args.tag else ''}")
     console.print(f"retention {retention.__version__} on {name}, torch {torch.__version__}; "
                   f"backends: {', '.join(retention.available_backends())}", markup=False)
-    methods, notes = methods_for(config, args.methods, args.quick)
+    methods, notes = methods_for(config, args.methods, args.quick or args.dry_run)
+    console.print(f"methods: {', '.join(m.name for m in methods)}", markup=False)
     torch.manual_seed(0)
     matmul = matmul_tflops(config)
-    console.print(f"measured matmul rate ({config.matmul_size}^3 {config.dtype}): {matmul:.2f} TFLOP/s")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        training = run_training(config, methods, matmul, progress)
-        ours_backends = [m.name[len("retention["):-1] for m in methods if m.ours]
-        decode = [] if args.no_decode else run_decode(config, ours_backends, progress)
+    console.print(f"measured matmul rate ({config.matmul_size}^3 {config.dtype}): {matmul:.3f} TFLOP/s")
     report = {
-        "device": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": name, "stem": stem, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "complete": False, "command": " ".join(sys.argv if argv is None else ["suite.py", *argv]),
         "torch": torch.__version__, "retention": retention.__version__, "python": platform.python_version(),
         "config": dataclasses.asdict(config), "matmul_tflops": matmul, "notes": notes,
-        "training": training, "breakdown": {} if args.no_breakdown else breakdown(config, methods), "decode": decode,
+        "training": [], "breakdown": {}, "decode": [],
     }
-    print_tables(report)
-
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = slug(f"{'cpu' if device == 'cpu' else name}-{datetime.date.today()}{'-' + args.tag if args.tag else ''}")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    write_csv(args.out / f"{stem}.csv", training)
-    write_csv(args.out / f"{stem}-decode.csv", decode)
-    written = [f"{stem}.json", f"{stem}.csv", f"{stem}-decode.csv"]
+
+    def save() -> None:
+        write_report(report, args.out)
+
+    budget = Budget(config.time_budget_s)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        run_training(config, methods, matmul, progress, budget, save, report["training"])
+        ours_backends = [m.name[len("retention["):-1] for m in methods if m.ours]
+        if not args.no_decode:
+            run_decode(config, ours_backends, progress, budget, save, report["decode"])
+    if not args.no_breakdown:
+        if budget.spent("breakdown"):
+            notes.append("breakdown " + budget.note("breakdown"))
+        else:
+            report["breakdown"] = breakdown(config, methods)
+    report["complete"] = True
+    written = write_report(report, args.out)
+    print_tables(report)
     if not args.no_plots:
         sys.path.insert(0, str(Path(__file__).parent))
-        from plots import plot_all
+        from plots import plot_all, update_docs
 
-        pngs = plot_all(report, args.out / stem)
-        written += [p.name for p in pngs]
+        written += [p.name for p in plot_all(report, args.out / stem)]
         if args.docs:
-            target = Path(__file__).parent.parent / "docs" / "assets" / "benchmarks"
-            target.mkdir(parents=True, exist_ok=True)
-            for png in pngs:
-                (target / f"{device}{png.name[len(stem):]}").write_bytes(png.read_bytes())
-    console.print(f"wrote {', '.join(written)} to {args.out}")
+            for path in update_docs(report):
+                console.print(f"updated {path}", markup=False)
+    console.print(f"wrote {', '.join(written)} to {args.out}", markup=False)
     return report
 
 
