@@ -51,4 +51,4 @@ def test_context_parallel_equals_one_process(tmp_path, chunk_size):
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
     # The first layer's keys reach the last rank only through the passed states: their gradient must
     # include the later ranks' losses, which flow back only through the backward state passing.
-    assert ranks[0]["grads"]["blocks.0.attn.kv_proj.weight"].abs().max() > 0
+    assert ranks[0]["grads"]["blocks.0.attn.qkv_proj.weight"].abs().max() > 0

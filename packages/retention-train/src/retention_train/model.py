@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from retention import PowerRetentionCache, power_retention
 
-__all__ = ["GPT", "GPTConfig", "apply_rope"]
+__all__ = ["GPT", "GPTConfig", "apply_rope", "rope_tables", "rotate"]
 
 ATTENTION_KERNELS = ("sdpa", "power")
 
@@ -79,6 +79,29 @@ class GPTConfig:
         return asdict(self)
 
 
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [1, t, 1, head_dim]`` of RoPE at integer ``positions [t]``, computed once per forward and shared
+    by every layer. Pair ``(x_i, x_{i + hd/2})`` turns by ``position * base^(-2i / hd)``; ``sin`` carries the sign
+    of the rotate-half form, so that ``rotate(x) = x * cos + swap_halves(x) * sin``."""
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=dtype) / half)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # [t, hd/2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([-sin, sin], -1)[None, :, None, :]
+
+
+def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x [b, t, h, hd]`` rotated by :func:`rope_tables`, in the tables' precision, returned in ``x``'s dtype.
+
+    Four elementwise kernels whatever the dtype (bf16 ``x`` times fp32 tables promotes on the fly, no cast
+    kernel); ``x`` may be a strided view (the query and key heads of one fused projection)."""
+    cos, sin = tables
+    halves = x.unflatten(-1, (2, x.shape[-1] // 2))
+    swapped = halves.flip(-2).flatten(-2)  # [x2, x1]
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """Rotary position embedding of ``x [b, t, h, hd]`` at integer ``positions [t]`` (rotate-half form).
 
@@ -87,12 +110,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     dtype.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=compute) / half)
-    angles = positions.to(compute)[:, None] * inv_freq[None, :]  # [t, hd/2]
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    x1, x2 = x.to(compute)[..., :half], x.to(compute)[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    return rotate(x, rope_tables(positions, x.shape[-1], base, compute))
 
 
 class Attention(nn.Module):
@@ -100,8 +118,8 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         hd = config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * hd, bias=config.bias)
-        self.kv_proj = nn.Linear(config.n_embd, 2 * config.n_kv_head * hd, bias=config.bias)
+        # Queries, keys and values in one matmul: [n_head | n_kv_head | n_kv_head] heads of hd.
+        self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * hd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * hd, config.n_embd, bias=config.bias)
         # Gates: one per key/value head and step, always with a bias (it sets the initial decay rate).
         self.gate_proj = None
@@ -109,29 +127,31 @@ class Attention(nn.Module):
             self.gate_proj = nn.Linear(config.n_embd, config.n_kv_head, bias=True)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """``x [b, t, n_embd]`` -> ``Q [b, t, n_head, hd]``, ``K, V [b, t, n_kv_head, hd]`` (RoPE applied) and
-        ``log_G [b, t, n_kv_head]`` fp32 (None without gating)."""
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """``x [b, t, n_embd]`` -> ``Q [b, t, n_head, hd]``, ``K, V [b, t, n_kv_head, hd]`` (RoPE applied; strided
+        views of one projection, which the kernels read in place) and ``log_G [b, t, n_kv_head]`` fp32 (None
+        without gating). ``rope``: :func:`rope_tables` of the positions."""
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, c.n_head, c.head_dim)
-        k, v = self.kv_proj(x).view(b, t, 2, c.n_kv_head, c.head_dim).unbind(2)
-        q, k = apply_rope(q, positions, c.rope_base), apply_rope(k, positions, c.rope_base)
+        qk, v = self.qkv_proj(x).view(b, t, c.n_head + 2 * c.n_kv_head, c.head_dim).split(
+            [c.n_head + c.n_kv_head, c.n_kv_head], dim=2)
+        q, k = rotate(qk, rope).split([c.n_head, c.n_kv_head], dim=2)  # one rotation for queries and keys
         log_G = None
         if self.gate_proj is not None:  # gates in fp32 (fp64 for fp64 models), as power_retention expects
             gate_logits = self.gate_proj(x)
             log_G = F.logsigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32)))
         return q, k, v, log_G
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, context_parallel=None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, context_parallel=None, cache=None) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
-        q, k, v, log_G = self.project(x, positions)
+        q, k, v, log_G = self.project(x, rope)
         if c.attention_kernel == "sdpa":
             if context_parallel is not None or cache is not None:
                 raise ValueError("context parallelism and the decoding cache need attention_kernel='power'")
             ratio = c.n_head // c.n_kv_head  # GQA: query head i reads key/value head i // ratio
-            k, v = k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
+            if ratio > 1:  # (repeat_interleave copies even for ratio 1)
+                k, v = k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 dropout_p=c.dropout if self.training else 0.0,
@@ -166,8 +186,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, context_parallel=None, cache=None):
-        x = x + self.attn(self.ln_1(x), positions, context_parallel, cache)
+    def forward(self, x, rope, context_parallel=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, context_parallel, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -214,6 +234,8 @@ class GPT(nn.Module):
             start = context_parallel.rank * t
             context_parallel.begin()
         positions = torch.arange(start, start + t, device=idx.device)
+        compute = torch.promote_types(self.wte.weight.dtype, torch.float32)  # fp64 for fp64 models
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_base, compute)
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
@@ -221,9 +243,9 @@ class GPT(nn.Module):
                 if context_parallel is not None:
                     # Recomputing a block would repeat its sends and receives.
                     raise ValueError("checkpoint_activations cannot be combined with context parallelism")
-                x = checkpoint(block, x, positions, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, positions, context_parallel, cache)
+                x = block(x, rope, context_parallel, cache)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
