@@ -80,6 +80,51 @@ def test_backend_matches_oracle_forward_and_backward(case, interpreter):
     check_against_oracle(inputs, deg, chunk_size, interpreter)
 
 
+GATE_CASES = {
+    # name: (deg, head dim, chunk_size, block-pair layout)
+    "deg2-pairs": (2, 16, 16, True),
+    "deg2-minimal-layout": (2, 16, 16, False),
+    "deg1": (1, 16, 16, False),
+    "deg3": (3, 8, 8, False),
+}
+
+
+def strong_gate_inputs(deg, d, gates):
+    """GQA, an initial state, t = 37 (not a multiple of the chunk), ``log_G`` = -20 per step or uniform in
+    [-20, 0]: the gate gradient is then tiny next to the weights that do not span the gate (the diagonal), so
+    any form that sums those and lets them cancel (a reverse cumulative sum of ``dN'.N' - v'.dv'``) returns
+    rounding instead."""
+    inputs = random_inputs(b=1, t=37, hq=4, h=2, d=d, dtype=torch.float32, state=True, deg=deg)
+    shape = inputs["log_G"].shape
+    inputs["log_G"] = torch.full(shape, -20.0) if gates == "constant" else -20.0 * torch.rand(shape)
+    if deg % 2:  # odd deg: signed weights; q.k > 0 keeps the denominators away from 0
+        inputs["Q"], inputs["K"] = inputs["Q"].abs(), inputs["K"].abs()
+    return inputs
+
+
+# (the minimal-layout deg-2 kernels are the deg-1/3 ones plus a deg-2 branch: one gate pattern covers it)
+@pytest.mark.parametrize(("case", "gates"), [(case, gates) for case in GATE_CASES for gates in ("constant", "uniform")
+                                             if (case, gates) != ("deg2-minimal-layout", "uniform")])
+def test_strong_gates_gate_gradient(case, gates, interpreter, monkeypatch):
+    """d log_G (and everything else, with a final-state cotangent) of strong gates against the float64 oracle,
+    through both kernel families: the deg-2 block-pair kernels and the minimal-layout ones."""
+    deg, d, chunk_size, pairs = GATE_CASES[case]
+    monkeypatch.setattr(function, "PAIR_LAYOUT", pairs)
+    check_against_oracle(strong_gate_inputs(deg, d, gates), deg, chunk_size, interpreter)
+
+
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=["BQ16-BK32", "BQ32-BK16"])
+def test_gate_gradient_with_unequal_blocks(blocks, interpreter, monkeypatch):
+    """The key/value-gradient kernel's spanning sums with query tiles smaller and larger than the key block (the
+    autotuned GPU configs include BQ = 2 BK), over several tiles of a chunk."""
+    if interpreter == "cuda":
+        pytest.skip("the block sizes are the interpreter's; on a GPU the autotuned configs run")
+    BQ, BK = blocks
+    monkeypatch.setitem(function._INTERPRETER_META, "BQ", BQ)
+    monkeypatch.setitem(function._INTERPRETER_META, "BK", BK)
+    check_against_oracle(strong_gate_inputs(2, 16, "uniform"), 2, 35, interpreter)
+
+
 def test_non_contiguous_inputs(interpreter):
     inputs = random_inputs(b=1, t=21, hq=2, h=1, d=16, dtype=torch.float32, state=True)
     for name in ("Q", "K", "V"):  # [b, h, t, d] storage seen through a transpose

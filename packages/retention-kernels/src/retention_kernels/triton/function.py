@@ -34,7 +34,12 @@ from .state import chunk_inner_product_kernel, chunk_update_kernel, scan_kernel
 
 __all__ = ["power_retention_triton", "default_chunk_size"]
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like triton.jit does
 _OPERAND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float32, torch.float32: tl.float32}
+if _INTERPRET:
+    # The interpreter's tl.dot multiplies the raw bits of bfloat16 operands (triton-lang/triton#11584, not
+    # supported upstream): on CPU, bf16 inputs (exact in fp32) compute with fp32 operands.
+    _OPERAND[torch.bfloat16] = tl.float32
 # fp16 operands would overflow for (s q.k)^p; tf32 keeps fp16's 10-bit mantissa with fp32's range.
 _PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
 
@@ -288,7 +293,6 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
 
 # RETENTION_TRITON_PAIRS=0 falls back to the minimal-layout kernels (one-hot expansion) for deg 2.
 PAIR_LAYOUT = os.environ.get("RETENTION_TRITON_PAIRS", "1") != "0"
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like triton.jit does
 
 
 @dataclass(frozen=True)
