@@ -119,9 +119,10 @@ def test_dry_run_measures_every_gpu_method_without_failures(dry_run):
     assert not failures
 
 
-def test_dry_run_counts_flops_and_speedups_with_the_documented_formulas(dry_run):
+def test_dry_run_counts_flops_and_speedups_with_the_documented_formulas(dry_run, monkeypatch):
     report, _ = dry_run
-    sys.path.insert(0, str(BENCHMARKS))
+    if not torch.cuda.is_available():  # as packages/retention-kernels/tests/conftest.py imports the kernels
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from retention_kernels.triton.function import default_chunk_size
 
     matmul = report["matmul_tflops"]
