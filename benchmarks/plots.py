@@ -91,7 +91,9 @@ def plot_breakdown(report: dict, path: Path) -> Path:
     figure, axes = plt.subplots(len(items) or 1, 1, figsize=(9, 0.5 + 2.6 * max(1, len(items))), squeeze=False)
     for axis, (name, item) in zip(axes[:, 0], items.items()):
         kernels = sorted(item["kernels_ms"].items(), key=lambda kv: kv[1])
-        axis.barh([_shorten(key) for key, _ in kernels], [ms for _, ms in kernels], color="tab:blue")
+        positions = range(len(kernels))  # by position: two long names may shorten to the same label
+        axis.barh(positions, [ms for _, ms in kernels], color="tab:blue")
+        axis.set_yticks(positions, [_shorten(key) for key, _ in kernels])
         case = item["case"]
         axis.set_title(f"{name}: {item['pass']}, deg {case['deg']}, d {case['head_dim']}, t {case['t']}, "
                        f"b {case['b']} (total {item['total_ms']:.1f} ms)", fontsize=9)
@@ -131,7 +133,11 @@ def _context_ticks(axis, contexts: list[int]) -> None:
 
 
 def _shorten(name: str, width: int = 60) -> str:
-    return name if len(name) <= width else name[: width - 3] + "..."
+    """``name`` cut in the middle to ``width`` characters (kernel names differ at both ends)."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 2
+    return name[:head] + "..." + name[len(name) - (width - 3 - head):]
 
 
 def _save(figure, path: Path) -> Path:
@@ -195,9 +201,12 @@ def results_markdown(report: dict, images: dict[str, str]) -> str:
     """The run as Markdown: what was measured, the training table (one column per method), the decode table, the
     breakdown, the notes and the plots (``images``: plot name -> path relative to the page)."""
     config = report["config"]
+    # GFLOP/s where a TFLOP/s would print as 0.0 (CPUs)
+    unit, scale = ("TFLOP/s", 1.0) if report["matmul_tflops"] >= 1 else ("GFLOP/s", 1e3)
     lines = [
         f"Measured {report['date'][:10]} on {report['device']}, torch {report['torch']}, retention "
-        f"{report['retention']}; measured matrix rate {report['matmul_tflops']:.1f} TFLOP/s ({config['dtype']}). "
+        f"{report['retention']}; measured matrix rate {scale * report['matmul_tflops']:.1f} {unit} "
+        f"({config['dtype']}). "
         f"{config['dtype']}, b*t = {config['tokens']}, h = {config['heads']}, gating "
         f"{'on' if config['gating'] else 'off'}, chunk {config['chunk_size'] or 'each backend default'}. "
         f"Files: `benchmarks/results/{report['stem']}.{{json,csv}}`, `{report['stem']}-decode.csv`"
@@ -209,7 +218,7 @@ def results_markdown(report: dict, images: dict[str, str]) -> str:
     ours = [m for m in methods if m.startswith("retention")]
     if rows:
         header = ["pass", "deg", "d", "t", "b", *[f"`{m}` ms" for m in methods],
-                  *[f"`{m}` vs best SDPA" for m in ours], *[f"`{m}` TFLOP/s (% matmul)" for m in ours]]
+                  *[f"`{m}` vs best SDPA" for m in ours], *[f"`{m}` {unit} (% matmul)" for m in ours]]
         lines += ["Milliseconds per call (median; `-`: skipped or failed, see the notes and the JSON):", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
         by_key = {}
@@ -219,7 +228,7 @@ def results_markdown(report: dict, images: dict[str, str]) -> str:
             times = [_number(cells[m]["ms"], ".3f") if m in cells else "" for m in methods]
             speedups = [_number(cells[m]["speedup_vs_sdpa"], ".2f") + "x" * (cells.get(m, {}).get("speedup_vs_sdpa")
                         is not None) if m in cells else "" for m in ours]
-            rates = [f"{cells[m]['tflops']:.1f} ({100 * cells[m]['fraction_of_matmul']:.0f}%)"
+            rates = [f"{scale * cells[m]['tflops']:.1f} ({100 * cells[m]['fraction_of_matmul']:.0f}%)"
                      if m in cells and cells[m]["tflops"] is not None else "-" for m in ours]
             lines.append(f"| {pass_} | {deg} | {d} | {t} | {b} | " + " | ".join(times + speedups + rates) + " |")
         lines.append("")
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for source in args.reports:
         report = json.loads(source.read_text())
+        report.setdefault("stem", source.stem)  # reports written before the suite stored it
         if args.docs:
             print(*update_docs(report, args.page, args.assets), sep="\n")
         else:

@@ -858,6 +858,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"{name} must be among {PASSES}, got {value}")
     if args.dry_run and args.device == "cuda":
         parser.error("--dry-run runs on CPU: drop --device cuda")
+    if args.dry_run and args.docs:
+        parser.error("--dry-run measures nothing worth publishing: drop --docs")
     return args
 
 
