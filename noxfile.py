@@ -37,7 +37,8 @@ def install_local(session: nox.Session, *extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every package's tests; arguments after `--` go to pytest."""
-    install_local(session, "pytest>=8", "hypothesis>=6.100", "pytest-timeout", "triton>=3.2", "matplotlib>=3.7", "rich>=13", *RELEASE_TEST_TOOLS)
+    install_local(session, "pytest>=8", "hypothesis>=6.100", "pytest-timeout", "triton>=3.2", "matplotlib>=3.7",
+                  "rich>=13", *RELEASE_TEST_TOOLS)
     session.run("pytest", *session.posargs, env={"NUMBA_CACHE_DIR": str(ROOT / ".nox" / "numba-cache")})
 
 
