@@ -11,7 +11,7 @@ Checks (each against the float64 PyTorch oracle, tolerance: 3 x the worse of the
 low-precision PyTorch error, floor 1e-4; fresh random inputs, NaN-poisoned outputs):
 - ``attend_window`` (tq 1 and 3, windows 0/5/64, with and without a state, GQA, fp32/fp16/bf16, deg 1..4,
   d = e in 16/32/64/128, splits 1/3/default, a non-contiguous Q), and its fold (``return_final_state``);
-- the fold kernel alone;
+- the fold kernel alone (tensor cores), also at shapes with D, e and w off the tile sizes and e > 128;
 - the static cache's fused decode step (``backend="cuda"``) over two folds, eager and replayed from a
   ``DecodeGraph``, against the whole-sequence oracle;
 - the state query ``phi(Q)^T S`` of the chunked forward;
@@ -21,8 +21,10 @@ Timing (CUDA events, ``triton.testing.do_bench`` medians; bf16, b=16, h=hq=8, d=
 - the attend kernel alone at a full window (CUDA per splits choice, Triton tuned default);
 - the decode step replayed from a CUDA graph over 512 steps (one fold amortised) at contexts 1k..128k: CUDA vs
   Triton (the state of a context of T tokens stands in as random values: the step's cost does not depend on T);
-- the fold: CUDA vs Triton;
-- the state query at the standard problem (b*t = 65536): CUDA (TF32 tensor cores) vs PyTorch (sympow + matmul).
+- the decode step's CUDA launch choice (blocks per key/value head, ``splits``) at one context;
+- the fold: CUDA vs Triton (and the CUDA TFLOP/s);
+- the state query at the standard problem (b*t = 65536): CUDA (bf16 tensor cores) vs PyTorch (sympow + matmul).
+``--quick`` keeps every dtype (fp32 runs other code paths: 3xTF32 products) but fewer shapes and contexts.
 Writes ``benchmarks/results/gpu_cuda.{md,json}``.
 """
 
@@ -143,7 +145,8 @@ def run_checks(quick: bool) -> list[dict]:
 
     checks: list[dict] = []
     device = "cuda"
-    dtypes = (torch.bfloat16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    all_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16) if quick else all_dtypes
     shapes = [(2, 3, 4, 2, 64, 64, 2), (1, 1, 2, 2, 16, 16, 4), (2, 1, 8, 8, 32, 32, 3), (1, 3, 2, 1, 128, 128, 2),
               (2, 1, 2, 1, 16, 16, 1)]
     windows = (0, 5, 64)
@@ -199,6 +202,27 @@ def run_checks(quick: bool) -> list[dict]:
             record(checks, f"attend non-contiguous Q d{d} deg{deg} {str(dtype)[6:]}", errors,
                    max(relative_error(y_triton.double(), oracle), relative_error(plain.double(), oracle)))
 
+    # The fold kernel alone at shapes off its tiles: D not a multiple of 128, e not of 16 and above 128 (two
+    # column blocks), windows not a multiple of 32 steps, GQA-free heads; with and without a state.
+    fold_shapes = [(2, 2, 64, 64, 2, 512), (1, 3, 32, 200, 2, 77), (2, 1, 16, 24, 3, 33), (1, 2, 8, 8, 4, 40),
+                   (1, 2, 128, 128, 1, 50)]
+    for (b, h, d, e, deg, w), dtype in itertools.product(fold_shapes[:3] if quick else fold_shapes, all_dtypes):
+        inputs = random_inputs(b=b, t=w, hq=h, h=h, d=d, e=e, dtype=dtype, device=device, state=True, deg=deg)
+        K, V, log_G = inputs["K"], inputs["V"], inputs["log_G"]
+        G64 = _cumulative_gate(log_G.double(), b, w, h, device, torch.float64)
+        for with_state in (True, False):
+            state, keys = (inputs["initial_state"], inputs["sum_of_keys"]) if with_state else (None, None)
+            s64, z64 = update_state(K.double(), V.double(), G64, deg, None if state is None else state.double(),
+                                    None if keys is None else keys.double(), torch.float64)
+            new_state, new_keys = cuda_ops.fold_window(K, V, G64.float(), deg, state, keys)
+            ts, tz = triton_decode.fold_window(K, V, G64.float(), deg, state, keys)
+            plain = update_state(K, V, G64.float(), deg, state, keys, dtype)[0]
+            errors = {"cuda state": relative_error(new_state.double(), s64),
+                      "cuda keys": relative_error(new_keys.double(), z64),
+                      "triton state": relative_error(ts.double(), s64), "triton keys": relative_error(tz.double(), z64)}
+            record(checks, f"fold kernel b{b} h{h} d{d} e{e} deg{deg} w{w} {str(dtype)[6:]} state={with_state}",
+                   errors, max(errors["triton state"], errors["triton keys"], relative_error(plain.double(), s64)))
+
     # The static cache's fused decode step over two folds, eager and from a CUDA graph, against the oracle.
     for dtype in dtypes:
         b, hq, h, d, W, deg = 2, 4, 2, 32, 16, 2
@@ -225,9 +249,11 @@ def run_checks(quick: bool) -> list[dict]:
                    errors, relative_error(plain.double(), oracle))
         checks[-1]["triton"] = checks[-2]["triton"] = float(triton_error)
 
-    # The chunked forward's state query.
-    for dtype, (d, e, deg) in itertools.product(dtypes, ((64, 64, 2), (32, 32, 3), (16, 16, 4), (128, 128, 1))):
-        b, t, hq, h, chunk = 2, 100, 4, 2, 32
+    # The chunked forward's state query (chunks of 32 and of 200: two row blocks, the second partial).
+    for dtype, (d, e, deg, chunk) in itertools.product(all_dtypes, ((64, 64, 2, 32), (32, 32, 3, 200),
+                                                                    (16, 16, 4, 32), (128, 128, 1, 200),
+                                                                    (24, 48, 2, 32))):
+        b, t, hq, h = 2, 260, 4, 2
         n = -(-t // chunk)
         inputs = random_inputs(b=b, t=t, hq=hq, h=h, d=d, e=e, dtype=dtype, device=device)
         Q = inputs["Q"]
@@ -246,8 +272,12 @@ def run_checks(quick: bool) -> list[dict]:
         plain_num = torch.einsum("bthD,bhtDe->bthe", sympow(Q, deg).float() * scale**deg, S.float())
         plain_num = plain_num * gate[..., None].float()
         errors = {"cuda num": relative_error(num.double(), num64), "cuda den": relative_error(den.double(), den64)}
-        # TF32 products (10-bit mantissa): the baseline is the fp32 PyTorch error with TF32 allowed.
-        baseline = max(relative_error(plain_num.double(), num64), 2.0**-11)
+        # The kernel multiplies bf16 operands (phi(q) and the fp32 states rounded to bf16, fp32 accumulation)
+        # for fp16/bf16 queries, 3xTF32 (about fp32) for fp32: the baseline is PyTorch with the same roundings.
+        operand = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        phi_rounded = (sympow(Q.double(), deg).to(operand).double() * scale**deg)
+        emulated = torch.einsum("bthD,bhtDe->bthe", phi_rounded, S.to(operand).double()) * gate[..., None]
+        baseline = max(relative_error(plain_num.double(), num64), relative_error(emulated, num64))
         record(checks, f"state query d{d} e{e} deg{deg} {str(dtype)[6:]} chunk{chunk}", errors, baseline)
 
     # torch.compile traces the custom op through its fake kernel.
@@ -303,28 +333,42 @@ def run_timings(quick: bool) -> dict:
         "triton": do_bench(lambda: triton_decode.fold_window(K, V, G, deg, state, keys)) * 1e3,
         "cuda": do_bench(lambda: cuda_ops.fold_window(K, V, G, deg, state, keys)) * 1e3,
     }
-    log("fold (us):", {k: round(v, 1) for k, v in timings["fold_us"].items()})
+    fold_flops = 2 * b * h * D * W * (e + 1)
+    timings["fold_tflops"] = {k: fold_flops / v / 1e6 for k, v in timings["fold_us"].items()}
+    log("fold (us):", {k: round(v, 1) for k, v in timings["fold_us"].items()},
+        "TFLOP/s:", {k: round(v, 1) for k, v in timings["fold_tflops"].items()})
 
     # The decode step from a CUDA graph, one step at a time over a full window (one fold amortised).
     contexts = (1024, 131072) if quick else (1024, 4096, 16384, 65536, 131072)
+
+    def decode_step_us(backend: str, context: int) -> float:
+        cache = PowerRetentionCache(deg=deg, switch_over_seq_len=W, backend=backend, static=True)
+        fill = context % W or W - 1
+        cache.step(rand(b, fill, h, d), rand(b, fill, h, d), rand(b, fill, h, e),
+                   -torch.rand(b, fill, h, device=device) * 0.01)
+        cache.state.copy_(state)  # the state of a context of `context` tokens stands in as random values
+        cache.sum_of_keys.copy_(keys)
+        step = (rand(b, 1, h, d), rand(b, 1, h, d), rand(b, 1, h, e), -torch.rand(b, 1, h, device=device) * 0.01)
+        graph = DecodeGraph(cache, *step)
+
+        def window():
+            for _ in range(W):
+                graph.replay()
+
+        return do_bench(window, warmup=1, rep=200) * 1e3 / W
+
+    sweep = {}
+    for splits in (2, 4, 8, 16, 32, None):
+        cuda_ops.TUNING["splits"] = splits
+        sweep[f"splits={splits or 'auto'}"] = decode_step_us("cuda", contexts[0])
+    cuda_ops.TUNING["splits"] = None
+    timings["decode_step_cuda_splits_us"] = sweep
+    log("decode step, CUDA by splits (us):", {k: round(v, 2) for k, v in sweep.items()})
     decode = {}
     for context in contexts:
         row = {}
         for backend in ("cuda", "triton"):
-            cache = PowerRetentionCache(deg=deg, switch_over_seq_len=W, backend=backend, static=True)
-            fill = context % W or W - 1
-            cache.step(rand(b, fill, h, d), rand(b, fill, h, d), rand(b, fill, h, e),
-                       -torch.rand(b, fill, h, device=device) * 0.01)
-            cache.state.copy_(state)  # the state of a context of `context` tokens stands in as random values
-            cache.sum_of_keys.copy_(keys)
-            step = (rand(b, 1, h, d), rand(b, 1, h, d), rand(b, 1, h, e), -torch.rand(b, 1, h, device=device) * 0.01)
-            graph = DecodeGraph(cache, *step)
-
-            def window(graph=graph):
-                for _ in range(W):
-                    graph.replay()
-
-            row[backend] = do_bench(window, warmup=1, rep=200) * 1e3 / W
+            row[backend] = decode_step_us(backend, context)
         row["triton / cuda"] = row["triton"] / row["cuda"]
         decode[context] = row
         log(f"decode step at {context}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
@@ -374,8 +418,11 @@ def write(out: Path, meta: dict, checks: list[dict], timings: dict) -> None:
     lines += ["", "| attend kernel, full window (us) | " + " | ".join(timings["attend_us"]) + " |",
               "|---|" + "---:|" * len(timings["attend_us"]),
               "| | " + " | ".join(f"{v:.1f}" for v in timings["attend_us"].values()) + " |", "",
-              f"Fold of a full window: CUDA {timings['fold_us']['cuda']:.1f} us, Triton "
-              f"{timings['fold_us']['triton']:.1f} us.", "",
+              f"Fold of a full window: CUDA {timings['fold_us']['cuda']:.1f} us "
+              f"({timings['fold_tflops']['cuda']:.1f} TFLOP/s), Triton {timings['fold_us']['triton']:.1f} us "
+              f"({timings['fold_tflops']['triton']:.1f} TFLOP/s).", "",
+              "Decode step, CUDA, by blocks per key/value head (us/token): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in timings["decode_step_cuda_splits_us"].items()) + ".", "",
               "| state query, b*t = 65536, chunk 256 | CUDA (ms) | CUDA TFLOP/s | PyTorch sympow + TF32 matmul (ms) |",
               "|---:|---:|---:|---:|"]
     for t, row in timings["state_query"].items():

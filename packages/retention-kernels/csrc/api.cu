@@ -23,7 +23,7 @@ void clear_error() { last_error[0] = '\0'; }
 }  // namespace retention
 
 // Bumped whenever an argument struct or an entry point changes (the Python loader refuses a mismatch).
-RETENTION_API int retention_cuda_abi_version(void) { return 1; }
+RETENTION_API int retention_cuda_abi_version(void) { return 2; }
 
 RETENTION_API const char* retention_cuda_last_error(void) { return retention::last_error; }
 

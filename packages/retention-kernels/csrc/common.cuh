@@ -41,6 +41,31 @@ __device__ __forceinline__ void load_vector(const T* source, float (&out)[VEC]) 
     for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(values[i]);
 }
 
+// Up to VEC elements source[i * stride] (i < valid; zeros past it) as fp32: one 16-byte load when `vector`
+// (stride 1, 16-byte aligned) and the chunk is whole, else element by element.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_chunk(const T* source, int64_t stride, int valid, bool vector,
+                                           float (&out)[VEC]) {
+    if (vector && valid == VEC) {
+        load_vector<T, VEC>(source, out);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] = i < valid ? to_float<T>(source[i * stride]) : 0.f;
+    }
+}
+
+// Whether rows of a [.., n] tensor with these strides (elements) can be read in 16-byte chunks: contiguous
+// along the last dimension, every other stride a multiple of 16 bytes, aligned base.
+template <typename T, int N>
+__host__ __device__ inline bool vector_rows(const void* base, const int64_t (&strides)[N]) {
+    constexpr int64_t vec = 16 / sizeof(T);
+    bool ok = strides[N - 1] == 1 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+    for (int i = 0; i < N - 1; ++i) ok = ok && strides[i] % vec == 0;
+    return ok;
+}
+
+__host__ __device__ constexpr int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
 __device__ __forceinline__ float integer_power(float x, int deg) {
     float result = x;
 #pragma unroll
@@ -72,6 +97,29 @@ __device__ __forceinline__ float integer_power(float x, int deg) {
         }                                                                                                   \
     } while (0)
 
+namespace retention {
+
+// The launch-argument checks shared by the entry points: true, or false with the message set
+// ("<where>: <name> must be in <low>..<high>, got <value>").
+inline bool require_range(const char* where, const char* name, int64_t value, int64_t low, int64_t high) {
+    if (value >= low && value <= high) return true;
+    set_error("%s: %s must be in %lld..%lld, got %lld", where, name, static_cast<long long>(low),
+              static_cast<long long>(high), static_cast<long long>(value));
+    return false;
+}
+
+// Head dim d in 1..max_d, deg in 1..4, hq a multiple of h (pass hq = h where there are no query heads).
+inline bool require_problem(const char* where, int64_t d, int64_t max_d, int64_t deg, int64_t h, int64_t hq) {
+    if (!require_range(where, "d", d, 1, max_d) || !require_range(where, "deg", deg, 1, 4)) return false;
+    if (h < 1 || hq % h != 0) {
+        set_error("%s: hq=%lld must be a multiple of h=%lld", where, static_cast<long long>(hq), static_cast<long long>(h));
+        return false;
+    }
+    return true;
+}
+
+}  // namespace retention
+
 // Dispatch on the runtime dtype code to a templated launcher body using `scalar_t`.
 #define RETENTION_DISPATCH(dtype, ...)                                                                      \
     switch (dtype) {                                                                                        \
@@ -91,11 +139,15 @@ extern "C" {
 // valid rows; the new token (new_k [b, h, d] strides, new_v, new_log_g [b, h] or null) is attended and then
 // written at row `length` (and the raw gate into raw_log_g when given); `length` becomes length + 1.
 // fold (append mode only): afterwards the full window (W rows) is folded into state/keys in place.
+// splits > 1: each row's keys and features are split over that many blocks, whose partial sums [splits, rows,
+// e + 1] go through `partial`; the last block of a row (counted in `counters`) adds them up, so one launch
+// does everything (the counters are zeroed by an async memset before it).
 typedef struct RetentionAttendArgs {
     void* q; void* k; void* v; void* g; void* state; void* keys; void* out;
     void* index; void* weight;       // sympow table: int32 [D, deg], fp32 [D]
     void* partial;                   // fp32 workspace [splits, rows, e + 1] (splits > 1 or append)
     void* new_k; void* new_v; void* new_log_g; void* raw_log_g; void* length;
+    void* counters;                  // int32 [b * tq * hq + 1], any contents (splits > 1 or append)
     int64_t dtype;                   // of q, k, v, new_k, new_v, out and state
     int64_t b, tq, hq, h, w, d, e, D, deg, splits, append, fold;
     double scale;

@@ -175,7 +175,7 @@ def test_device_checks(monkeypatch):
 
 def test_library_struct_mirrors_match():
     """ctypes mirrors of the C structs: all 8-byte fields, so a missing field shows in the size."""
-    assert ctypes.sizeof(_library.AttendArgs) == 8 * (15 + 13 + 1 + 4 + 4 + 4 + 3 + 4 + 3 + 4 + 3 + 3 + 2 + 3)
+    assert ctypes.sizeof(_library.AttendArgs) == 8 * (16 + 13 + 1 + 4 + 4 + 4 + 3 + 4 + 3 + 4 + 3 + 3 + 2 + 3)
     assert ctypes.sizeof(_library.StateQueryArgs) == 8 * (8 + 11 + 1 + 4 + 4 + 4 + 3 + 4 + 3)
     assert ctypes.sizeof(_library.FoldArgs) == 8 * (9 + 8 + 4 + 4 + 3 + 4 + 3 + 4 + 3)
 

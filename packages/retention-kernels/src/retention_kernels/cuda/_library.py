@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENTRY_POINTS = ("retention_attend_window", "retention_fold_window", "retention_state_query",
                 "retention_cuda_abi_version", "retention_cuda_last_error", "retention_cuda_archs",
                 "retention_cuda_runtime_version", "retention_cuda_struct_sizes")
@@ -31,7 +31,7 @@ class AttendArgs(ctypes.Structure):
     """``RetentionAttendArgs`` of csrc/common.cuh."""
 
     _fields_ = [(name, _pointer) for name in ("q", "k", "v", "g", "state", "keys", "out", "index", "weight", "partial",
-                                              "new_k", "new_v", "new_log_g", "raw_log_g", "length")] + \
+                                              "new_k", "new_v", "new_log_g", "raw_log_g", "length", "counters")] + \
         [(name, _int) for name in ("dtype", "b", "tq", "hq", "h", "w", "d", "e", "D", "deg", "splits", "append",
                                    "fold")] + \
         [("scale", ctypes.c_double)] + \

@@ -42,11 +42,20 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_splits(rows: int, D: int, device: torch.device) -> int:
-    """Blocks per query row: about one block per SM in all, at most one per 128 state rows."""
+def _programs(b: int, tq: int, hq: int, h: int) -> int:
+    """Blocks of the attend kernel before splitting (csrc/decode.cu): one per key/value head and group of at
+    most 8 query rows (a power of two) of its ``tq * hq / h`` rows."""
+    group_rows = tq * (hq // h)
+    rows = min(8, 1 << (group_rows - 1).bit_length())
+    return b * h * -(-group_rows // rows)
+
+
+def default_splits(programs: int, D: int, device: torch.device) -> int:
+    """Blocks per program: about eight per SM in all (the state stream needs many loads in flight), at least
+    128 state rows each."""
     if device.type != "cuda":
         return 1
-    return max(1, min(-(-D // 128), -(-_processors(device) // rows)))
+    return max(1, min(-(-D // 128), -(-8 * _processors(device) // programs)))
 
 
 def _dtype_code(tensor: torch.Tensor) -> int:
@@ -73,14 +82,22 @@ def _vector_ready(state: torch.Tensor) -> bool:
             and state.data_ptr() % 16 == 0)
 
 
-def _attend_args(Q, K, V, G, state, keys, deg, scale, splits, out, partial) -> AttendArgs:
+def _workspace(splits: int, rows: int, e: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial sums ``[splits, rows, e + 1]`` fp32 and the row-group counters (int32, zeroed by the
+    library before each launch) of a split or appending attend launch."""
+    return (torch.empty(splits, rows, e + 1, device=device),
+            torch.empty(rows + 1, device=device, dtype=torch.int32))
+
+
+def _attend_args(Q, K, V, G, state, keys, deg, scale, splits, out, workspace) -> AttendArgs:
     b, tq, hq, d = Q.shape
     w, h, e = K.shape[1], K.shape[2], V.shape[-1]
     index, weight = _table(d, deg, Q.device)
+    partial, counters = workspace or (None, None)
     args = AttendArgs(q=Q.data_ptr(), k=K.data_ptr(), v=V.data_ptr(), g=G.data_ptr(), state=_ptr(state),
                       keys=_ptr(keys), out=out.data_ptr(), index=index.data_ptr(), weight=weight.data_ptr(),
-                      partial=_ptr(partial), dtype=_dtype_code(Q), b=b, tq=tq, hq=hq, h=h, w=w, d=d, e=e,
-                      D=index.shape[0], deg=deg, splits=splits, append=0, fold=0, scale=scale)
+                      partial=_ptr(partial), counters=_ptr(counters), dtype=_dtype_code(Q), b=b, tq=tq, hq=hq,
+                      h=h, w=w, d=d, e=e, D=index.shape[0], deg=deg, splits=splits, append=0, fold=0, scale=scale)
     for name, tensor in (("sq", Q), ("sk", K), ("sv", V), ("sg", G), ("so", out)):
         _fill(getattr(args, name), tensor.stride())
     if state is not None:
@@ -89,8 +106,8 @@ def _attend_args(Q, K, V, G, state, keys, deg, scale, splits, out, partial) -> A
     return args
 
 
-def _splits(splits: int, rows: int, D: int, device) -> int:
-    return splits if splits > 0 else (TUNING["splits"] or default_splits(rows, D, device))
+def _splits(splits: int, programs: int, D: int, device) -> int:
+    return splits if splits > 0 else (TUNING["splits"] or default_splits(programs, D, device))
 
 
 @torch.library.custom_op("retention_kernels::cuda_attend_window", mutates_args=())
@@ -106,10 +123,10 @@ def _attend_window_op(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, G: torc
         keys = keys.float()
     if G.numel() == 0:  # a valid pointer when the window is empty
         G = torch.zeros(b, 1, K.shape[2], device=Q.device)
-    splits = _splits(splits, b * tq * hq, sympow_dim(d, deg), Q.device)
+    splits = _splits(splits, _programs(b, tq, hq, K.shape[2]), sympow_dim(d, deg), Q.device)
     out = torch.full((b, tq, hq, e), float("nan"), device=Q.device, dtype=Q.dtype)
-    partial = None if splits == 1 else torch.empty(splits, b * tq * hq, e + 1, device=Q.device)
-    args = _attend_args(Q, K, V, G.float(), state, keys, deg, scale, splits, out, partial)
+    workspace = None if splits == 1 else _workspace(splits, b * tq * hq, e, Q.device)
+    args = _attend_args(Q, K, V, G.float(), state, keys, deg, scale, splits, out, workspace)
     _library.call("retention_attend_window", args, _stream(Q.device))
     return out
 
@@ -139,10 +156,11 @@ def _decode_step_op(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: to
         raise TypeError(f"cuda decode_step: window_length must be an int64 [1] tensor, got {window_length.dtype} "
                         f"{tuple(window_length.shape)}")
     D = sympow_dim(d, deg)
-    splits = _splits(splits, b * hq, D, Q.device)
-    out = torch.full((b, 1, hq, e), float("nan"), device=Q.device, dtype=Q.dtype)
-    partial = torch.empty(splits, b * hq, e + 1, device=Q.device)
-    args = _attend_args(Q, window_K, window_V, window_G, state, sum_of_keys, deg, scale, splits, out, partial)
+    splits = _splits(splits, _programs(b, 1, hq, window_K.shape[2]), D, Q.device)
+    # No NaN fill here (one launch less in the decode graph): the kernel writes every element of Y.
+    out = torch.empty((b, 1, hq, e), device=Q.device, dtype=Q.dtype)
+    args = _attend_args(Q, window_K, window_V, window_G, state, sum_of_keys, deg, scale, splits, out,
+                        _workspace(splits, b * hq, e, Q.device))
     new_log_G = None if log_G is None else log_G.float()
     args.new_k, args.new_v, args.new_log_g = K.data_ptr(), V.data_ptr(), _ptr(new_log_G)
     args.raw_log_g, args.length = _ptr(window_log_G), window_length.data_ptr()
