@@ -4,9 +4,9 @@ Device commands (repo root; only $OUT comes back from the device, so results go 
 ``benchmarks/results/``; ``--out=DIR`` overrides both)::
 
     export PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src:packages/retention-train/src
-    python benchmarks/train_gpu.py throughput; python benchmarks/train_gpu.py curves   # 1 GPU: ~2-3 + ~2-3 min
-    python benchmarks/train_gpu.py parallel            # 2 GPUs (torchrun + NCCL inside): ~2-3 min
-    python benchmarks/train_gpu.py throughput curves parallel --dry-run   # CPU, tiny sizes, every code path
+    python3 benchmarks/train_gpu.py throughput; python3 benchmarks/train_gpu.py curves  # 1 GPU: ~2-3 + ~2-3 min
+    python3 benchmarks/train_gpu.py parallel            # 2 GPUs (torchrun + NCCL inside): ~2-3 min
+    python3 benchmarks/train_gpu.py throughput curves parallel --dry-run   # CPU, tiny sizes, every code path
 
 Wall times are estimates for an H200 (no GPU run yet): most of ``throughput`` and of the first launch of
 ``parallel`` is Triton compiling and autotuning; on-disk caches make later processes on the same machine faster.
