@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from retention_train.model import GPT, GPTConfig, apply_rope
+from retention_train.model import GPT, GPTConfig, apply_rope, rope_tables, rotate
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -32,6 +32,29 @@ def test_rope_depends_only_on_distance():
     assert torch.allclose(score(3, 1), score(10, 8), rtol=1e-12)
     assert torch.allclose(score(0, 0), (q * k).sum(), rtol=1e-12)  # position 0 is the identity
     assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def rope_oracle(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE written out in float64: pair (x_i, x_{i+hd/2}) turns by position * base^(-2i/hd)."""
+    half = x.shape[-1] // 2
+    angles = positions.double()[:, None] * base ** (-torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.double()[..., :half], x.double()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def test_rope_equals_the_rotate_half_formula_on_strided_views():
+    """One rotation of the query and key heads of a fused [b, t, heads, hd] projection (a strided view)."""
+    positions = torch.arange(5, 5 + 37)
+    fused = torch.randn(2, 37, 7, 16, dtype=torch.float64)
+    qk = fused[:, :, :5]  # not contiguous
+    rotated = rotate(qk, rope_tables(positions, 16, dtype=torch.float64))
+    torch.testing.assert_close(rotated, rope_oracle(qk, positions), rtol=1e-13, atol=1e-13)
+    # bf16 input, fp32 tables: the rotation in fp32, one rounding to bf16 at the end.
+    rotated = rotate(qk.bfloat16(), rope_tables(positions, 16))
+    assert rotated.dtype == torch.bfloat16
+    expected = rope_oracle(qk.bfloat16(), positions)
+    torch.testing.assert_close(rotated.double(), expected, rtol=2**-8, atol=1e-6)
 
 
 def test_weight_tying_and_config_errors():
