@@ -3,7 +3,7 @@
 ``pairs.pair_state_kernel`` walks the chunks in order inside each program (one per feature tile and head), so
 at b=1, h=8 only ~100-170 programs run and each pass is latency-bound. Here the same pass takes two launches:
 
-  1. ``pair_chunk_contribution_kernel``, grid ``(feature tiles + 1, n_chunks, b h)``: every chunk's own
+  1. ``pair_chunk_contribution_kernel``, grid ``((feature tiles + 1) n_chunks, b h)``: every chunk's own
      contribution, all chunks at once (``G`` = cumulative log gate inside the chunk, ``s`` = scale):
        forward   ``sum_j e^{G_last - G_j} phi(k_j) v_j^T``        and  ``sum_j e^{G_last - G_j} k_j k_j^T``
        backward  ``s^2 sum_i e^{G_i} phi(q_i) dn_i^T``            and  ``s^2 sum_i e^{G_i} delta_i q_i q_i^T``
@@ -55,17 +55,17 @@ def pair_chunk_contribution_kernel(
     BT: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr,
     PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr, PHI_T: tl.constexpr,
 ):
-    """Grid ``(NP * 16 / BU + 1, n_chunks, b * h)``: programs below ``NP * 16 / BU`` compute chunk c's
+    """Grid ``((NP * 16 / BU + 1) n_chunks, b * h)``: per chunk c, programs below ``NP * 16 / BU`` compute its
     ``[16 BU, e]`` contribution tile (features ``256 P + 16 u + v``, ``u`` in ``[u0, u0 + BU)``), the last one
     its ``[DP, DP]`` key-sum contribution. Arguments as ``pairs.pair_state_kernel`` (forward: X = K ``[b, t, h,
     d]``, V = V; backward: X = Q with ``hx = hq`` heads, V = dn ``[b, t, hq, e]``, DELTA ``[b, t, hq]`` fp32).
     STATES ``[b h, n, DI, e]``, MS ``[b h, n, DP, DP]``; FINAL ``[b h, DI, e]``, FINAL_M ``[b h, DP, DP]`` fp32
     receive the contribution of the chunk that the scan adds last."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
-    pid_bh = tl.program_id(2)
     split = 16 // BU
     n_tiles = NP * split
+    pid = tl.program_id(0) % (n_tiles + 1)
+    c = tl.program_id(0) // (n_tiles + 1)  # chunks on axis 0: axes 1 and 2 stop at 65535
+    pid_bh = tl.program_id(1)
     b = pid_bh // h
     head = pid_bh % h
     group = hx // h
@@ -251,7 +251,7 @@ def chunk_contributions(X, V, delta, G, log_G, layout, plan, states, Ms, final, 
     )
 
     def grid(meta):
-        return (layout.NP * (16 // meta["BU"]) + 1, plan.n, b * h)
+        return ((layout.NP * (16 // meta["BU"]) + 1) * plan.n, b * h)
 
     function._launch(_TUNED_CONTRIBUTION, pair_chunk_contribution_kernel, grid, args, constants, ("BT", "BU", "PHI_T"))
 
