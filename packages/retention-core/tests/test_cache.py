@@ -7,13 +7,39 @@ import pytest
 import torch
 
 from retention import PowerRetentionCache, power_retention, power_retention_inference
+from retention.backends import available_backends
 from retention.inference import DecodeGraph
 from retention.reference import power_retention_quadratic
 from retention.sympow import sympow_dim
-from retention.testing import assert_close_to_oracle, random_inputs
+from retention.testing import assert_close_to_oracle, low_precision_baseline, plain_error, random_inputs
 
 WINDOW = 8
 TIGHT = 2e-5  # fp32 against float64 over ~40 tokens and several folds
+CUDA = torch.cuda.is_available()
+GPU = "cuda"  # the device of the GPU-backend tests
+
+
+def gpu_backends() -> list:
+    """The GPU backends as test parameters: ``"triton"`` and ``"cuda"``, each skipped with the reason when it
+    cannot run here (no CUDA device, or the backend is not installed / not built)."""
+    params = []
+    for name in ("triton", "cuda"):
+        marks = [pytest.mark.gpu]
+        if not CUDA:
+            marks.append(pytest.mark.skip(reason="needs a CUDA device (the CPU variant runs everywhere)"))
+        elif name not in available_backends():
+            marks.append(pytest.mark.skip(reason=f"backend {name!r} is not available here"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture
+def first_config_only(monkeypatch):
+    """The Triton training kernels (prefill, training forward) take their first config instead of autotuning:
+    the same results, a fraction of the compiles (these tests check values, not speed)."""
+    from retention_kernels.triton import function
+
+    monkeypatch.setattr(function, "AUTOTUNE", False, raising=False)
 
 
 def sequence(generator, b=2, t=40, hq=4, h=2, d=8, e=None, gating=True, dtype=torch.float32, device="cpu"):
@@ -56,17 +82,12 @@ def test_prefill_then_decode_equals_training_forward(backend, generator, static,
     assert cache.window_size == ((t - prefill) % WINDOW if prefill >= WINDOW else t % WINDOW)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_then_decode_a_thousand_tokens(generator, dtype):
-    """Issue 4's acceptance test: prefill 100 tokens, then decode 1,000 one by one across 8 folds (window 128):
-    equal to the float64 oracle (fp32 tightly, bf16 by the tolerance rule) and to the training forward."""
-    from retention.testing import low_precision_baseline, plain_error
-
-    inputs = sequence(generator, b=1, t=1100, hq=4, h=2, d=16, dtype=dtype)
-    cache = PowerRetentionCache(switch_over_seq_len=128)
-    Y = run_cache(cache, inputs, [100] + [1] * 1000)
+def check_thousand_tokens(inputs, Y, backend: str) -> None:
+    """Issue 4's acceptance checks of 1,100 outputs: the float64 oracle and the training forward (fp32 tightly,
+    bf16 by the tolerance rule against the plain bf16 quadratic formula)."""
+    dtype = inputs["Q"].dtype
     expected = oracle(inputs)
-    training = power_retention(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"])
+    training = power_retention(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], backend=backend)
     if dtype == torch.float32:
         baseline = 0.0
     else:
@@ -74,7 +95,75 @@ def test_prefill_then_decode_a_thousand_tokens(generator, dtype):
             {n: inputs[n] for n in ("Q", "K", "V", "log_G")}, dtype), output_dtype=dtype)
     assert_close_to_oracle("Y", Y, expected, baseline, floor=TIGHT)
     assert_close_to_oracle("Y vs training", Y, training.double(), baseline, floor=TIGHT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_then_decode_a_thousand_tokens(generator, dtype):
+    """Issue 4's acceptance test: prefill 100 tokens, then decode 1,000 one by one across 8 folds (window 128):
+    equal to the float64 oracle (fp32 tightly, bf16 by the tolerance rule) and to the training forward."""
+    inputs = sequence(generator, b=1, t=1100, hq=4, h=2, d=16, dtype=dtype)
+    cache = PowerRetentionCache(switch_over_seq_len=128)
+    Y = run_cache(cache, inputs, [100] + [1] * 1000)
+    check_thousand_tokens(inputs, Y, "auto")
     assert cache.position == 1100 and cache.window_size == 1100 % 128
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "graph"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_prefill_then_decode_a_thousand_tokens_on_gpu(generator, first_config_only, backend, dtype, mode):
+    """The acceptance test on the GPU with a GPU backend: prefill 100 tokens (training kernels), decode 1,000
+    one by one across 8 folds with its decode op: the dynamic cache, the static cache's fused step (eager), and
+    the same step replayed from CUDA graphs (:class:`DecodeGraph`, the fold graph every 128 tokens)."""
+    inputs = sequence(generator, b=2, t=1100, hq=4, h=2, d=16, dtype=dtype, device=GPU)
+    cache = PowerRetentionCache(switch_over_seq_len=128, backend=backend, static=mode != "dynamic")
+    if mode == "graph":
+        prefill = {name: x[:, :100] for name, x in inputs.items()}
+        outputs = [run_cache(cache, prefill, [100])]
+        graph = DecodeGraph(cache, *(inputs[name][:, 100:101] for name in ("Q", "K", "V", "log_G")))
+        for i in range(100, 1100):
+            outputs.append(graph(*(inputs[name][:, i:i + 1] for name in ("Q", "K", "V", "log_G"))).clone())
+        Y = torch.cat(outputs, dim=1)
+    else:
+        Y = run_cache(cache, inputs, [100] + [1] * 1000)
+    assert Y.device == inputs["Q"].device and Y.dtype == dtype
+    check_thousand_tokens(inputs, Y, backend)
+    assert cache.position == 1100 and cache.window_size == 1100 % 128
+    if mode != "dynamic":  # the device-side window length agrees with the host's (read back once, here)
+        assert int(cache.window_length) == 1100 % 128
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_state_round_trips_between_cpu_and_gpu(generator, first_config_only, backend, static):
+    """A cache filled on the CPU (the CPU backend, with a fold) decodes on the GPU with a GPU backend (more
+    folds), then comes back to the CPU: the outputs equal an all-CPU run and the oracle, and the state the GPU
+    folded equals the CPU's at the same point (every backend reads and writes the same state layout)."""
+    cpu = "cpu" if "cpu" in available_backends() else "reference"
+    inputs = sequence(generator, b=2, t=60, hq=4, h=2, d=16)
+    steps = {"cpu": [13] + [1] * 7, "gpu": [1] * 25, "back": [1] * 15}  # folds at 13 (prefill), 21, 29, 37, 45
+    pieces, start = {}, 0
+    for name, part in steps.items():
+        pieces[name] = {key: x[:, start:start + sum(part)] for key, x in inputs.items()}
+        start += sum(part)
+
+    everywhere_cpu = PowerRetentionCache(switch_over_seq_len=WINDOW, backend=cpu, static=static)
+    Y_cpu = [run_cache(everywhere_cpu, pieces[name], steps[name]) for name in ("cpu", "gpu")]
+    cache = PowerRetentionCache(switch_over_seq_len=WINDOW, backend=cpu, static=static)
+    Y = [run_cache(cache, pieces["cpu"], steps["cpu"])]
+    cache.to(GPU)
+    cache.backend = backend
+    Y.append(run_cache(cache, {key: x.to(GPU) for key, x in pieces["gpu"].items()}, steps["gpu"]).cpu())
+    cache.to("cpu")
+    cache.backend = cpu
+    assert cache.state.device.type == "cpu" and cache.position == 45
+    for name in ("state", "sum_of_keys"):  # folded on the GPU at token 45, the same as on the CPU
+        assert_close_to_oracle(name, getattr(cache, name), getattr(everywhere_cpu, name).double(), 0.0, floor=TIGHT)
+    Y.append(run_cache(cache, pieces["back"], steps["back"]))
+    Y_cpu.append(run_cache(everywhere_cpu, pieces["back"], steps["back"]))
+    Y, Y_cpu = torch.cat(Y, dim=1), torch.cat(Y_cpu, dim=1)
+    assert_close_to_oracle("Y vs all-CPU", Y, Y_cpu.double(), 0.0, floor=TIGHT)
+    assert_close_to_oracle("Y", Y, oracle(inputs), 0.0, floor=TIGHT)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])

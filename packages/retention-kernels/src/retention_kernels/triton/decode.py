@@ -9,10 +9,12 @@
     y   = num / den        (0 where den == 0)
 
 ``phi(q)`` is never materialised: each program builds it tile by tile from the minimal sympow layout (the index
-and weight table of :func:`retention.sympow.sympow_table`), so the state is streamed from memory exactly once per
-query row. The state may be bf16/fp16/fp32; every product and accumulator is fp32. To use the whole GPU at
-decode (``b * hq`` rows only), the state's D tiles and the window's key blocks are split over ``splits``
-programs per row, and a second small kernel adds the partial sums and normalises.
+and weight table of :func:`retention.sympow.sympow_table`). One program serves a block of query rows that share
+a key/value head: its ``r = hq / h`` query heads (GQA), and with ``tq > 1`` several queries, each with its own
+causal limit and gate discount. So each state tile (and each window key block) is streamed from memory once per
+group, not once per query head. The state may be bf16/fp16/fp32; every product and accumulator is fp32. To use
+the whole GPU at decode (``b * h`` groups only), the state's D tiles and the window's key blocks are split over
+``splits`` programs per block, and a second small kernel adds the partial sums and normalises.
 
 ``fold_window(K, V, G, deg, state, sum_of_keys)`` is the fold ``S' = e^{G_w} S + sum_j e^{G_w - G_j} phi(k_j)
 v_j^T`` (and ``z'`` alike), one program per ``(D tile, b * h)``: ``phi(k)`` tiles are built on the fly and
