@@ -49,6 +49,39 @@ def test_throughput_and_curves_dry_run(tmp_path, data_root):
     assert "| power deg 1 |" in (out / "train_curves.md").read_text()
 
 
+def test_a_failing_run_is_reported_and_the_others_kept(tmp_path, data_root, monkeypatch):
+    """A row (throughput) or a run (curves) that raises is recorded, the rest is still measured and written,
+    and the exit status is 1."""
+    train_gpu = load_script()
+    real_row, real_train = train_gpu._throughput_row, train_gpu.train
+
+    def row(args, device, label, *rest):
+        if label == "power deg 1":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_row(args, device, label, *rest)
+
+    def train(config):
+        if config.attention_kernel == "power" and config.degree == 2:
+            raise FloatingPointError("loss is NaN (simulated)")
+        return real_train(config)
+
+    monkeypatch.setattr(train_gpu, "_throughput_row", row)
+    monkeypatch.setattr(train_gpu, "train", train)
+    out = tmp_path / "results"
+    code = train_gpu.main(["throughput", "curves", "--dry-run", f"--out={out}", f"--work={tmp_path}",
+                           f"--data_root={data_root}", "--sweep_deg1=", "--sweep_deg2="])
+    assert code == 1
+    result = json.loads((out / "train_throughput.json").read_text())
+    assert [row["run"] for row in result["rows"]] == ["sdpa", "power deg 2"]
+    assert [e["what"] for e in result["errors"]] == ["power deg 1"]
+    assert "failed: power deg 1: RuntimeError: CUDA out of memory (simulated)" in (
+        out / "train_throughput.md").read_text()
+    curves = json.loads((out / "train_curves.json").read_text())
+    assert "history" in curves["runs"]["power deg 1"] and "loss is NaN" in curves["runs"]["power deg 2"]["error"]
+    summary = (out / "train_curves.md").read_text()
+    assert "| power deg 2 | failed: FloatingPointError: loss is NaN (simulated)" in summary
+
+
 @pytest.mark.slow
 def test_parallel_dry_run(tmp_path, data_root, monkeypatch):
     # The launched trainings import the packages from PYTHONPATH (made absolute for torchrun's workers).
