@@ -176,6 +176,22 @@ def test_multi_token_steps_with_gating(generator, static):
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_multi_token_steps_on_gpu(generator, first_config_only, backend, dtype, static):
+    """Steps of several tokens on a window (tq > 1, each query its own gate discount and causal limit) mixed
+    with single tokens, GQA r = 4, on the GPU: the backend's attend op serves the query rows of a key/value head
+    (heads x queries) together."""
+    inputs = sequence(generator, t=37, hq=8, h=2, d=16, dtype=dtype, device=GPU)
+    cache = PowerRetentionCache(switch_over_seq_len=WINDOW, backend=backend, static=static)
+    Y = run_cache(cache, inputs, [3, 1, 2, 1, 4, 1, 1, 6, 2, 1, 1, 3, 7, 1, 3])
+    expected = oracle(inputs)
+    baseline = 0.0 if dtype == torch.float32 else plain_error(expected, low_precision_baseline(
+        {n: inputs[n] for n in ("Q", "K", "V", "log_G")}, dtype), output_dtype=dtype)
+    assert_close_to_oracle("Y", Y, expected, baseline, floor=TIGHT)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_fp64_decode_keeps_fp64_gates(generator, static):
     """fp64 inputs decode to fp64 precision: the window's gates are not rounded to fp32 on the way."""
     inputs = sequence(generator, t=21, dtype=torch.float64)
