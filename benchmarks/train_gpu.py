@@ -183,7 +183,8 @@ def _throughput_row(args, device, label: str, kernel: str, degree: int, chunk: i
     row = {"run": label, "attention_kernel": kernel, "degree": degree if kernel == "power" else None,
            "chunk_size": chunk, "seconds_per_step": seconds, "tokens_per_s": args.batch * args.context / seconds,
            "loss": loss.item(), "peak_memory_gib": peak, "warmup_s": warmup_s, "attention_fwd_bwd_ms": attention,
-           "attention_share": config.n_layer * attention / (seconds * 1e3)}
+           "attention_share": config.n_layer * attention / (seconds * 1e3),
+           "rest_of_step_ms": seconds * 1e3 - config.n_layer * attention}
     print(json.dumps(row), flush=True)
     return row
 
@@ -210,11 +211,13 @@ def _throughput_report(args, device, out: Path, rows: list[dict], sweep: list[di
              "(the warm-up compiles and autotunes).",
              "'attention' is one layer's time mixing alone (SDPA or power retention on the model's Q/K/V layout, "
              f"fwd+bwd, median); its share of a step is {size['n_layer']} x attention / step.", "",
+             "'rest' is the step minus that (projections, MLP, loss, optimizer: the same work for every run).", "",
              "| run | chunk | ms / step | tokens / s | x sdpa | attention ms | attention x sdpa | attention share "
-             "| peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| rest ms | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['chunk_size'] or '-'} | {r['seconds_per_step'] * 1e3:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_over_sdpa']:.2f} | {r['attention_fwd_bwd_ms']:.2f} | "
-              f"{r['attention_speedup_over_sdpa']:.2f} | {r['attention_share']:.0%} | {r['peak_memory_gib']:.1f} |"
+              f"{r['attention_speedup_over_sdpa']:.2f} | {r['attention_share']:.0%} | {r['rest_of_step_ms']:.1f} | "
+              f"{r['peak_memory_gib']:.1f} |"
               for r in rows]
     if sweep:
         lines += ["", "Chunk sizes tried on the attention alone (fwd+bwd ms; the best gets a training row when "
@@ -283,7 +286,7 @@ def throughput(args, device: torch.device, out: Path) -> bool:
             rows += [row] if row else []
             _throughput_report(args, device, out, rows, sweep, errors)
     lines = _throughput_report(args, device, out, rows, sweep, errors)
-    print("\n".join(lines[5:]), flush=True)
+    print("\n".join(lines[6:]), flush=True)
     for degree in (2, 1):
         best = max((r for r in rows if r["degree"] == degree), key=lambda r: r["tokens_per_s"], default=None)
         if best is None:
