@@ -48,7 +48,8 @@ __host__ __device__ inline FoldShared fold_shared(int64_t d, int64_t e) {
     return s;
 }
 
-template <typename T>
+// COLUMNS: 16-column fragments per warp (1, 2, 4 for up to 32, 64, 128 value columns per block).
+template <typename T, int COLUMNS>
 __global__ void __launch_bounds__(kTileThreads) fold_kernel(RetentionFoldArgs a) {
     using O = typename Operand<T>::type;
     constexpr int VEC = 16 / sizeof(T);
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kTileThreads) fold_kernel(RetentionFoldArgs a)
     }
     float key_sum = 0.f;
 
-    WarpTile<O, wmma::col_major> tile;
+    WarpTile<O, wmma::col_major, COLUMNS> tile;
     tile.init(warp);
 
     // Step `step`'s keys and values into buffer `buffer`: rows past the window (and padding columns) zero.
@@ -194,15 +195,23 @@ __global__ void __launch_bounds__(kTileThreads) fold_kernel(RetentionFoldArgs a)
     }
 }
 
-template <typename T>
+template <typename T, int COLUMNS>
 int launch_fold_kernel(const RetentionFoldArgs& a, cudaStream_t stream) {
     const size_t bytes = fold_shared<T>(a.d, a.e).bytes;
-    RETENTION_CHECK(cudaFuncSetAttribute(fold_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    RETENTION_CHECK(cudaFuncSetAttribute(fold_kernel<T, COLUMNS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(bytes)));
     const dim3 grid(static_cast<unsigned>((a.D + kTileRows - 1) / kTileRows), static_cast<unsigned>(a.b * a.h),
                     static_cast<unsigned>((a.e + kTileColumns - 1) / kTileColumns));
-    fold_kernel<T><<<grid, kTileThreads, bytes, stream>>>(a);
+    fold_kernel<T, COLUMNS><<<grid, kTileThreads, bytes, stream>>>(a);
     RETENTION_CHECK(cudaGetLastError());
     return 0;
+}
+
+template <typename T>
+int launch_fold_kernel(const RetentionFoldArgs& a, cudaStream_t stream) {
+    if (a.e <= 32) return launch_fold_kernel<T, 1>(a, stream);
+    if (a.e <= 64) return launch_fold_kernel<T, 2>(a, stream);
+    return launch_fold_kernel<T, 4>(a, stream);
 }
 
 }  // namespace

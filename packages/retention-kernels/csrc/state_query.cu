@@ -16,7 +16,6 @@ namespace {
 constexpr int kFeatures = 32;  // features per step
 constexpr int kMaxDim = 128;
 constexpr int kQueriesPerThread = kTileRows / 8;      // a warp's lanes are 32 features of 16 queries
-constexpr int kStateLoads = kFeatures * kMaxDim / 4 / kTileThreads;  // float4 loads per thread per step
 
 struct QueryShared {
     size_t queries, phi, states, scratch, row_scale, bytes;
@@ -38,7 +37,8 @@ __host__ __device__ inline QueryShared query_shared(int64_t d, int64_t e) {
     return s;
 }
 
-template <typename T>
+// LOADS: float4 loads of state rows per thread per step, kFeatures * e / 4 / kTileThreads rounded up (1, 2, 4).
+template <typename T, int LOADS>
 __global__ void __launch_bounds__(kTileThreads, 2) state_query_kernel(RetentionStateQueryArgs a) {
     using O = typename Operand<T>::type;
     extern __shared__ __align__(128) unsigned char shared[];
@@ -82,10 +82,10 @@ __global__ void __launch_bounds__(kTileThreads, 2) state_query_kernel(RetentionS
 
     // The state rows of a step, one step ahead in registers: float4 number i = tid + 256 u of [32, e].
     const int row_float4s = e / 4;
-    float4 next[kStateLoads];
+    float4 next[LOADS];
     auto load_states = [&](int64_t base) {
 #pragma unroll
-        for (int u = 0; u < kStateLoads; ++u) {
+        for (int u = 0; u < LOADS; ++u) {
             const int i = tid + kTileThreads * u, f = i / row_float4s;
             const int64_t feature = base + f;
             next[u] = f < kFeatures && feature < a.D
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) state_query_kernel(RetentionS
     };
     load_states(0);
 
-    WarpTile<O, wmma::row_major> tile;
+    WarpTile<O, wmma::row_major, LOADS> tile;  // LOADS is also the column fragments per warp (e / 32)
     tile.init(warp);
     float denominator[kQueriesPerThread];
 #pragma unroll
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) state_query_kernel(RetentionS
 
     for (int64_t base = 0; base < a.D; base += kFeatures) {
 #pragma unroll
-        for (int u = 0; u < kStateLoads; ++u) {
+        for (int u = 0; u < LOADS; ++u) {
             const int i = tid + kTileThreads * u, f = i / row_float4s, c = (i % row_float4s) * 4;
             if (f < kFeatures) {
                 O* destination = state_tile + f * layout.ldb + c;
@@ -165,17 +165,25 @@ __global__ void __launch_bounds__(kTileThreads, 2) state_query_kernel(RetentionS
     }
 }
 
-template <typename T>
-int launch_state_query(const RetentionStateQueryArgs& a, cudaStream_t stream) {
+template <typename T, int LOADS>
+int launch_state_query_kernel(const RetentionStateQueryArgs& a, cudaStream_t stream) {
     using O = typename Operand<T>::type;
     const size_t bytes = query_shared<O>(a.d, a.e).bytes;
-    RETENTION_CHECK(cudaFuncSetAttribute(state_query_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    RETENTION_CHECK(cudaFuncSetAttribute(state_query_kernel<T, LOADS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(bytes)));
     const int64_t blocks_per_chunk = (a.chunk + kTileRows - 1) / kTileRows;
     const dim3 grid(static_cast<unsigned>(a.n_chunks * blocks_per_chunk), static_cast<unsigned>(a.b * a.hq));
-    state_query_kernel<T><<<grid, kTileThreads, bytes, stream>>>(a);
+    state_query_kernel<T, LOADS><<<grid, kTileThreads, bytes, stream>>>(a);
     RETENTION_CHECK(cudaGetLastError());
     return 0;
+}
+
+template <typename T>
+int launch_state_query(const RetentionStateQueryArgs& a, cudaStream_t stream) {
+    static_assert(kFeatures * kMaxDim / 4 / kTileThreads == 4, "at most 4 float4 loads per thread");
+    if (a.e <= 32) return launch_state_query_kernel<T, 1>(a, stream);
+    if (a.e <= 64) return launch_state_query_kernel<T, 2>(a, stream);
+    return launch_state_query_kernel<T, 4>(a, stream);
 }
 
 }  // namespace

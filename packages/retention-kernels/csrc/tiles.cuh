@@ -20,7 +20,7 @@ namespace wmma = nvcuda::wmma;
 constexpr int kTileThreads = 256;  // 8 warps
 constexpr int kTileRows = 128;     // rows of A and C per block
 constexpr int kTileColumns = 128;  // columns of B and C per block at most
-constexpr int kWarpRowFragments = 2, kWarpColumnFragments = 4;
+constexpr int kWarpRowFragments = 2;
 constexpr int kScratchStride = 20;                       // floats per row of a warp's 16 x 16 fragment scratch
 constexpr int kScratchFloats = 16 * kScratchStride;      // per warp
 
@@ -52,9 +52,11 @@ __device__ __forceinline__ void split_tf32(Fragment& hi, Fragment& lo) {
 }
 
 // One warp's accumulators and the K-step of C += A B for it. LayoutA: wmma::row_major (A[m][k] at m * lda + k)
-// or wmma::col_major (A[m][k] at k * lda + m); B is row-major (B[k][n] at k * ldb + n).
-template <typename O, typename LayoutA>
+// or wmma::col_major (A[m][k] at k * lda + m); B is row-major (B[k][n] at k * ldb + n). COLUMNS: 16-column
+// fragments per warp at most (1, 2, 4 for block tiles of up to 32, 64, 128 columns; fewer registers).
+template <typename O, typename LayoutA, int COLUMNS = 4>
 struct WarpTile {
+    static constexpr int kWarpColumnFragments = COLUMNS;
     static constexpr int K = MmaShape<O>::K;
     using Precision = typename MmaShape<O>::precision;
     using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
