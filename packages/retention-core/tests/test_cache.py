@@ -318,7 +318,7 @@ def test_bad_inputs_raise_clear_errors(generator):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_decode_graph_replays_static_steps(generator, dtype):
+def test_decode_graph_replays_static_steps(generator, first_config_only, dtype):
     inputs = sequence(generator, b=2, t=40, dtype=dtype, device="cuda", d=16)
     eager = PowerRetentionCache(switch_over_seq_len=WINDOW, static=True)
     graphed = PowerRetentionCache(switch_over_seq_len=WINDOW, static=True)
