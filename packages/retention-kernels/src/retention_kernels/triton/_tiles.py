@@ -104,3 +104,154 @@ def spanning_finish(own, column, local_j, k_start, C, SPAN_ROW, BK: tl.constexpr
     tl.store(SPAN_ROW + local_j, own, mask=local_j < C)
     for start in range(0, k_start, BK):
         tl.store(SPAN_ROW + start + tl.arange(0, BK), tl.zeros((BK,), dtype=tl.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The intra-chunk block, shared by the minimal-layout kernels (output.py, grads.py) and the block-pair ones
+# (pairs.py): ``A_ij = (s q_i.k_j)^p e^{G_i - G_j}`` for ``j <= i`` in the chunk, and its gradients.
+
+
+@triton.jit
+def query_program(hq, h, C, BQ: tl.constexpr):
+    """Program ``(chunk block, b * hq)`` of a query-row kernel -> ``(c, q_start, b, query_head, head)``."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    blocks_per_chunk = tl.cdiv(C, BQ)
+    query_head = pid_bh % hq
+    return pid // blocks_per_chunk, (pid % blocks_per_chunk) * BQ, pid_bh // hq, query_head, query_head // (hq // h)
+
+
+@triton.jit
+def key_program(h, C, BK: tl.constexpr):
+    """Program ``(chunk block, b * h)`` of a key-row kernel -> ``(c, k_start, b, head, b * h + head)``."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    blocks_per_chunk = tl.cdiv(C, BK)
+    return pid // blocks_per_chunk, (pid % blocks_per_chunk) * BK, pid_bh // h, pid_bh % h, pid_bh
+
+
+@triton.jit
+def chunk_rows(start, c, t, C, BLOCK: tl.constexpr):
+    """Positions ``start + arange(BLOCK)`` of chunk ``c`` -> ``(local, rows, mask)``: within the chunk, in the
+    sequence, and inside both (the last chunk is padded only by this mask)."""
+    local = start + tl.arange(0, BLOCK)
+    rows = c * C + local
+    return local, rows, (local < C) & (rows < t)
+
+
+@triton.jit
+def load_tile(base, rows, row_stride, row_mask, cols, col_stride, col_mask):
+    """``base[rows, cols]``, 0 outside ``row_mask x col_mask``."""
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE: tl.constexpr):
+    """``e^{G_i - G_j}`` on the ``causal`` pairs of a tile and 0 elsewhere (the exp of a masked -inf: the acausal,
+    positive differences never overflow). Multiply, then mask with ``causal``: a power that overflowed there would
+    make ``inf * 0``."""
+    if HAS_GATE:
+        g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
+        g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
+        decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
+    else:
+        decay = tl.where(causal, 1.0, 0.0)
+    return decay
+
+
+@triton.jit
+def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, sv_e, g_base, c, t, C, scale,
+                 dims, d_mask, columns, e_mask, HAS_GATE: tl.constexpr, DEG: tl.constexpr, BQ: tl.constexpr,
+                 BK: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr):
+    """``(sum_j A_ij v_j, sum_j A_ij)`` over the chunk's keys ``j <= i`` for the ``[BQ, DP]`` query tile ``q``."""
+    numerator = tl.zeros((BQ, EP), dtype=tl.float32)
+    denominator = tl.zeros((BQ,), dtype=tl.float32)
+    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
+        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
+        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
+        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
+        weights = tl.where(causal, weights * causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE), 0.0)
+        numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
+        denominator += tl.sum(weights, axis=1)
+    return numerator, denominator
+
+
+@triton.jit
+def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, sv_e, g_base, c, t,
+                     C, scale, dims, d_mask, columns, e_mask, HAS_GATE: tl.constexpr, DEG: tl.constexpr,
+                     BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """``dq_i = s sum_j dA_ij p (s q_i.k_j)^(p-1) e^{G_i - G_j} k_j`` with ``dA_ij = dn_i.v_j + delta_i``, fp32
+    ``[BQ, DP]`` (``dn`` an OP tile ``[BQ, EP]``, ``delta`` fp32 ``[BQ]``)."""
+    dq = tl.zeros((BQ, DP), dtype=tl.float32)
+    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
+        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
+        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
+        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
+        d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
+        d_scores = tl.where(causal, d_scores * causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE), 0.0)
+        dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
+    return dq
+
+
+@triton.jit
+def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_h, DN, dn_stride, DELTA,
+                         delta_stride, g_base, SPAN_ROW, b, c, t, hq, head, group, C, scale, dims, d_mask, columns,
+                         e_mask, HAS_GATE: tl.constexpr, DEG: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                         DP: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr):
+    """``(dk, dv)`` fp32 of the ``[BK]`` key tile from the queries ``i >= j`` of its chunk (every query head of the
+    group; ``q_base`` points at the first one), and with HAS_GATE the spanning sums of the gates (``SPAN_ROW``)::
+
+        dk_j = s sum_i dA_ij p (s q_i.k_j)^(p-1) e^{G_i - G_j} q_i,   dv_j = sum_i A_ij dn_i
+
+    Query row ``i`` of head ``h'`` reads ``dn_i`` at ``DN + ((b t + i) hq + h') dn_stride`` and ``delta_i`` at
+    ``DELTA + (..) delta_stride``."""
+    dk = tl.zeros((BK, DP), dtype=tl.float32)
+    dv = tl.zeros((BK, EP), dtype=tl.float32)
+    own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates of this key block
+    column = tl.zeros((BK,), dtype=tl.float32)
+    running = tl.sum(tl.zeros((BQ,), dtype=tl.float32), axis=0)
+    q_tiles = tl.cdiv(C - k_start, BQ)
+    for step in range(q_tiles):  # decreasing query tiles (the spanning sums run backwards), the group inside
+        q_start = k_start + (q_tiles - 1 - step) * BQ
+        local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
+        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
+        spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij = dA_ij A_ij summed over the group
+        for r in range(group):
+            query_head = head * group + r
+            q = load_tile(q_base + r * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
+            grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
+            dn = load_tile(DN, grad_rows, dn_stride, q_mask, columns, 1, e_mask).to(OP)
+            delta = tl.load(DELTA + grad_rows * delta_stride, mask=q_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
+            weights = tl.where(causal, integer_power(scores, DEG) * decay, 0.0)
+            d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
+            d_scores = tl.where(causal, d_weights * DEG * integer_power(scores, DEG - 1) * decay, 0.0)
+            dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
+            if HAS_GATE:
+                spanning += d_weights * weights
+        if HAS_GATE:
+            own, column, running = spanning_tile(spanning, local_i, local_j, q_start, k_start, C, own, column,
+                                                 running, SPAN_ROW, BK)
+    if HAS_GATE:
+        spanning_finish(own, column, local_j, k_start, C, SPAN_ROW, BK)
+    return dk, dv
+
+
+@triton.jit
+def store_output(Y, DEN, numerator, denominator, out_rows, q_mask, columns, e_mask, e):
+    """``Y = numerator / denominator`` (0 where the denominator is exactly 0) and ``DEN = denominator``."""
+    empty = denominator == 0.0
+    y = numerator / tl.where(empty, 1.0, denominator)[:, None]
+    y = tl.where(empty[:, None], 0.0, y)
+    tl.store(Y + out_rows[:, None] * e + columns[None, :], y.to(Y.dtype.element_ty),
+             mask=q_mask[:, None] & e_mask[None, :])
+    tl.store(DEN + out_rows, denominator, mask=q_mask)

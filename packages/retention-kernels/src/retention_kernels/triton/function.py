@@ -591,37 +591,47 @@ def _(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, key_st
     )
 
 
-def _setup_context(ctx, inputs, output):
-    Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size = inputs
+def _save_for_backward(ctx, inputs, output, meta):
+    """Both ops' ``setup_context``: inputs ``(Q, K, V, log_G, state, sum_of_keys, ...)``, outputs ``(Y, den,
+    final_state, final_keys, states, key_states, G)``; ``meta`` the non-tensor arguments the backward needs."""
+    Q, K, V, log_G, state, sum_of_keys = inputs[:6]
     Y, den, final_state, final_keys, states, key_states, G = output
     ctx.save_for_backward(Q, K, V, log_G, G, Y, den, states, key_states, final_state, final_keys)
     # Intermediates (den, states, G) carry no gradient: do not let autograd allocate zeros for them.
     ctx.mark_non_differentiable(den, states, key_states, G)
     ctx.set_materialize_grads(False)
-    ctx.meta = (state is not None, deg, scale, chunk_size)
-    ctx.state_dtypes = (
+    ctx.meta = (state is not None, *meta)
+    ctx.dtypes = (
         None if state is None else state.dtype, None if sum_of_keys is None else sum_of_keys.dtype,
         None if log_G is None else log_G.dtype,
     )
 
 
-def _backward_autograd(ctx, dY, d_den, d_final_state, d_final_keys, d_states, d_key_states, d_G):
+def _input_grads(ctx, backward_op, dY, d_final_state, d_final_keys, non_tensor_inputs: int):
+    """Both ops' autograd backward: ``backward_op`` on the saved tensors, gradients cast to the inputs' dtypes."""
     Q, K, V, log_G, G, Y, den, states, key_states, final_state, final_keys = ctx.saved_tensors
-    has_state, deg, scale, chunk_size = ctx.meta
     if dY is None:
         dY = torch.zeros_like(Y)
-    dQ, dK, dV, d_log_G, d_state0, d_keys0 = _backward_op(
-        dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, key_states,
-        final_state, final_keys, has_state, deg, scale, chunk_size,
+    dQ, dK, dV, d_log_G, d_state0, d_keys0 = backward_op(
+        dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, key_states, final_state, final_keys,
+        *ctx.meta,
     )
-    state_dtype, keys_dtype, gate_dtype = ctx.state_dtypes
+    state_dtype, keys_dtype, gate_dtype = ctx.dtypes
     return (
         dQ, dK, dV,
         None if log_G is None else d_log_G.to(gate_dtype),
         None if state_dtype is None else d_state0.to(state_dtype),
         None if keys_dtype is None else d_keys0.to(keys_dtype),
-        None, None, None,
+        *[None] * non_tensor_inputs,
     )
+
+
+def _setup_context(ctx, inputs, output):
+    _save_for_backward(ctx, inputs, output, inputs[6:])  # deg, scale, chunk_size
+
+
+def _backward_autograd(ctx, dY, d_den, d_final_state, d_final_keys, d_states, d_key_states, d_G):
+    return _input_grads(ctx, _backward_op, dY, d_final_state, d_final_keys, 3)
 
 
 torch.library.register_autograd(
@@ -717,35 +727,11 @@ def _(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, Ms, fi
 
 
 def _pair_setup_context(ctx, inputs, output):
-    Q, K, V, log_G, state, sum_of_keys, scale, chunk_size = inputs
-    Y, den, final_state, final_keys, states, Ms, G = output
-    ctx.save_for_backward(Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys)
-    ctx.mark_non_differentiable(den, states, Ms, G)
-    ctx.set_materialize_grads(False)
-    ctx.meta = (state is not None, scale, chunk_size)
-    ctx.dtypes = (
-        None if state is None else state.dtype, None if sum_of_keys is None else sum_of_keys.dtype,
-        None if log_G is None else log_G.dtype,
-    )
+    _save_for_backward(ctx, inputs, output, inputs[6:])  # scale, chunk_size (the key states: the Ms)
 
 
 def _pair_backward_autograd(ctx, dY, d_den, d_final_state, d_final_keys, d_states, d_Ms, d_G):
-    Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys = ctx.saved_tensors
-    has_state, scale, chunk_size = ctx.meta
-    if dY is None:
-        dY = torch.zeros_like(Y)
-    dQ, dK, dV, d_log_G, d_state0, d_keys0 = _pair_backward_op(
-        dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, Ms, final_state, final_keys,
-        has_state, scale, chunk_size,
-    )
-    state_dtype, keys_dtype, gate_dtype = ctx.dtypes
-    return (
-        dQ, dK, dV,
-        None if log_G is None else d_log_G.to(gate_dtype),
-        None if state_dtype is None else d_state0.to(state_dtype),
-        None if keys_dtype is None else d_keys0.to(keys_dtype),
-        None, None,
-    )
+    return _input_grads(ctx, _pair_backward_op, dY, d_final_state, d_final_keys, 2)
 
 
 torch.library.register_autograd(

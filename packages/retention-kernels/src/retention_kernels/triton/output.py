@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tiles import integer_power, sympow_tile
+from ._tiles import chunk_rows, integer_power, intra_output, load_tile, query_program, store_output, sympow_tile
 
 
 @triton.jit
@@ -26,50 +26,20 @@ def output_kernel(
     OP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Y [b, t, hq, e] (contiguous, Q's dtype), DEN [b, t, hq] fp32; STATES [b, h, n + 1, D, e] fp32."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    blocks_per_chunk = tl.cdiv(C, BQ)
-    c = pid // blocks_per_chunk
-    q_start = (pid % blocks_per_chunk) * BQ
-    b = pid_bh // hq
-    query_head = pid_bh % hq
-    head = query_head // (hq // h)
-
-    local_i = q_start + tl.arange(0, BQ)
-    rows_q = c * C + local_i
-    q_mask = (local_i < C) & (rows_q < t)
+    c, q_start, b, query_head, head = query_program(hq, h, C, BQ)
+    local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
     dims = tl.arange(0, DP)
     d_mask = dims < d
     columns = tl.arange(0, EP)
     e_mask = columns < e
-    q_base = Q + b * sq_b + query_head * sq_h
-    q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
-                mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
+    q = load_tile(Q + b * sq_b + query_head * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
     g_base = G + (b * h + head) * T_pad + c * C
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
-
-    k_base = K + b * sk_b + head * sk_h
-    v_base = V + b * sv_b + head * sv_h
-    numerator = tl.zeros((BQ, EP), dtype=tl.float32)
-    denominator = tl.zeros((BQ,), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
-        local_j = k_start + tl.arange(0, BK)
-        rows_k = c * C + local_j
-        k_mask = (local_j < C) & (rows_k < t)
-        k = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
-                    mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
-        v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
-                    mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
-        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
-        if HAS_GATE:
-            g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-            # exp of a masked -inf is 0: the acausal (positive) differences never overflow.
-            weights = weights * tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
-        weights = tl.where(causal, weights, 0.0)
-        numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
-        denominator += tl.sum(weights, axis=1)
+    numerator, denominator = intra_output(
+        q, local_i, q_mask, q_start, K + b * sk_b + head * sk_h, sk_t, sk_d, V + b * sv_b + head * sv_h, sv_t, sv_e,
+        g_base, c, t, C, scale, dims, d_mask, columns, e_mask, HAS_GATE, DEG, BQ, BK, EP, OP, PRECISION,
+    )
 
     first_chunk_with_state = 0 if HAS_STATE else 1
     if c >= first_chunk_with_state:
@@ -91,10 +61,5 @@ def output_kernel(
         numerator += inter * query_scale[:, None]
         denominator += inter_denominator * query_scale
 
-    empty = denominator == 0.0
-    y = numerator / tl.where(empty, 1.0, denominator)[:, None]
-    y = tl.where(empty[:, None], 0.0, y)
     out_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-    tl.store(Y + out_rows[:, None] * e + columns[None, :], y.to(Y.dtype.element_ty),
-             mask=q_mask[:, None] & e_mask[None, :])
-    tl.store(DEN + out_rows, denominator, mask=q_mask)
+    store_output(Y, DEN, numerator, denominator, out_rows, q_mask, columns, e_mask, e)

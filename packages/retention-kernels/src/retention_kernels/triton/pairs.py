@@ -25,7 +25,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tiles import spanning_finish, spanning_tile
+from ._tiles import (
+    chunk_rows,
+    intra_key_value_grad,
+    intra_output,
+    intra_query_grad,
+    key_program,
+    load_tile,
+    query_program,
+    store_output,
+)
 
 
 @triton.jit
@@ -195,52 +204,24 @@ def pair_output_kernel(
 ):
     """``N'_i = sum_{j <= i in chunk} (s q_i.k_j)^2 e^{G_i - G_j} [v_j, 1] + s^2 e^{G_i} [phi(q_i)^T S_c,
     q_i^T M_c q_i]``, ``Y = N'[:e] / N'[e]`` (0 when the denominator is 0), ``DEN = N'[e]`` fp32."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    blocks_per_chunk = tl.cdiv(C, BQ)
-    c = pid // blocks_per_chunk
-    q_start = (pid % blocks_per_chunk) * BQ
-    b = pid_bh // hq
-    query_head = pid_bh % hq
-    head = query_head // (hq // h)
+    c, q_start, b, query_head, head = query_program(hq, h, C, BQ)
     DI = NP * 256
 
-    local_i = q_start + tl.arange(0, BQ)
-    rows_q = c * C + local_i
-    q_mask = (local_i < C) & (rows_q < t)
+    local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
     dims = tl.arange(0, DP)
     d_mask = dims < d
     columns = tl.arange(0, EP)
     e_mask = columns < e
     q_base = Q + b * sq_b + query_head * sq_h
-    q32 = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
-                  mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q32 = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(tl.float32)
     q = q32.to(OP)
     g_base = G + (b * h + head) * T_pad + c * C
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
-
-    k_base = K + b * sk_b + head * sk_h
-    v_base = V + b * sv_b + head * sv_h
-    numerator = tl.zeros((BQ, EP), dtype=tl.float32)
-    denominator = tl.zeros((BQ,), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
-        local_j = k_start + tl.arange(0, BK)
-        rows_k = c * C + local_j
-        k_mask = (local_j < C) & (rows_k < t)
-        k = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
-                    mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
-        v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
-                    mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        weights = scores * scores
-        if HAS_GATE:
-            g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-            weights = weights * tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
-        weights = tl.where(causal, weights, 0.0)
-        numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
-        denominator += tl.sum(weights, axis=1)
+    numerator, denominator = intra_output(
+        q, local_i, q_mask, q_start, K + b * sk_b + head * sk_h, sk_t, sk_d, V + b * sv_b + head * sv_h, sv_t, sv_e,
+        g_base, c, t, C, scale, dims, d_mask, columns, e_mask, HAS_GATE, 2, BQ, BK, EP, OP, PRECISION,
+    )
 
     first_chunk_with_state = 0 if HAS_STATE else 1
     if c >= first_chunk_with_state:
@@ -252,10 +233,8 @@ def pair_output_kernel(
             block_i, block_j, weight = _pair(PAIRS, P)
             coord_i = block_i * 16 + tl.arange(0, 16)
             coord_j = block_j * 16 + tl.arange(0, 16)
-            qi = tl.load(q_base + rows_q[:, None] * sq_t + coord_i[None, :] * sq_d,
-                         mask=q_mask[:, None] & (coord_i < d)[None, :], other=0.0).to(tl.float32)
-            qj = tl.load(q_base + rows_q[:, None] * sq_t + coord_j[None, :] * sq_d,
-                         mask=q_mask[:, None] & (coord_j < d)[None, :], other=0.0).to(tl.float32)
+            qi = load_tile(q_base, rows_q, sq_t, q_mask, coord_i, sq_d, coord_i < d).to(tl.float32)
+            qj = load_tile(q_base, rows_q, sq_t, q_mask, coord_j, sq_d, coord_j < d).to(tl.float32)
             phi = _outer(qi * weight, qj, BQ, 16).to(OP)
             S = tl.load(state_base + (P * 256 + features[:, None]) * e + columns[None, :],
                         mask=e_mask[None, :], other=0.0).to(OP)
@@ -269,13 +248,8 @@ def pair_output_kernel(
         numerator += inter * query_scale[:, None]
         denominator += inter_denominator * query_scale
 
-    empty = denominator == 0.0
-    y = numerator / tl.where(empty, 1.0, denominator)[:, None]
-    y = tl.where(empty[:, None], 0.0, y)
     out_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-    tl.store(Y + out_rows[:, None] * e + columns[None, :], y.to(Y.dtype.element_ty),
-             mask=q_mask[:, None] & e_mask[None, :])
-    tl.store(DEN + out_rows, denominator, mask=q_mask)
+    store_output(Y, DEN, numerator, denominator, out_rows, q_mask, columns, e_mask, e)
 
 
 @triton.jit
@@ -291,56 +265,28 @@ def pair_query_grad_kernel(
     ``[b, t, hq]`` = ``-(dn . y)`` computed from that same rounded dn, so ``dA_ij = dn_i . v_j + delta_i`` equals
     ``dn_i . (v_j - y_i)`` without the bf16 rounding of dn turning into an absolute error. QTERM [b, t, hq]
     fp32 (with HAS_GATE): ``q_i . dq_i^state / 2``, the gate term of the state query."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    blocks_per_chunk = tl.cdiv(C, BQ)
-    c = pid // blocks_per_chunk
-    q_start = (pid % blocks_per_chunk) * BQ
-    b = pid_bh // hq
-    query_head = pid_bh % hq
-    head = query_head // (hq // h)
+    c, q_start, b, query_head, head = query_program(hq, h, C, BQ)
     DI = NP * 256
     NBP: tl.constexpr = DP // 16
 
-    local_i = q_start + tl.arange(0, BQ)
-    rows_q = c * C + local_i
-    q_mask = (local_i < C) & (rows_q < t)
+    local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
     dims = tl.arange(0, DP)
     d_mask = dims < d
     columns = tl.arange(0, EP)
     e_mask = columns < e
     q_base = Q + b * sq_b + query_head * sq_h
-    q32 = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
-                  mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q32 = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(tl.float32)
     q = q32.to(OP)
     grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-    dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :], mask=q_mask[:, None] & e_mask[None, :],
-                 other=0.0).to(OP)
+    dn = load_tile(DN, grad_rows, e, q_mask, columns, 1, e_mask).to(OP)
     delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
     g_base = G + (b * h + head) * T_pad + c * C
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
-
-    k_base = K + b * sk_b + head * sk_h
-    v_base = V + b * sv_b + head * sv_h
-    dq = tl.zeros((BQ, DP), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
-        local_j = k_start + tl.arange(0, BK)
-        rows_k = c * C + local_j
-        k_mask = (local_j < C) & (rows_k < t)
-        k = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
-                    mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
-        v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
-                    mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
-        d_scores = d_weights * 2.0 * scores
-        if HAS_GATE:
-            g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-            d_scores = d_scores * tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
-        d_scores = tl.where(causal, d_scores, 0.0)
-        dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
+    dq = intra_query_grad(
+        q, dn, delta, local_i, q_mask, q_start, K + b * sk_b + head * sk_h, sk_t, sk_d, V + b * sv_b + head * sv_h,
+        sv_t, sv_e, g_base, c, t, C, scale, dims, d_mask, columns, e_mask, HAS_GATE, 2, BQ, BK, DP, OP, PRECISION,
+    )
 
     first_chunk_with_state = 0 if HAS_STATE else 1
     if c >= first_chunk_with_state:
@@ -355,10 +301,8 @@ def pair_query_grad_kernel(
             block_i, block_j, weight = _pair(PAIRS, P)
             coord_i = block_i * 16 + tl.arange(0, 16)
             coord_j = block_j * 16 + tl.arange(0, 16)
-            qi = tl.load(q_base + rows_q[:, None] * sq_t + coord_i[None, :] * sq_d,
-                         mask=q_mask[:, None] & (coord_i < d)[None, :], other=0.0).to(tl.float32)
-            qj = tl.load(q_base + rows_q[:, None] * sq_t + coord_j[None, :] * sq_d,
-                         mask=q_mask[:, None] & (coord_j < d)[None, :], other=0.0).to(tl.float32)
+            qi = load_tile(q_base, rows_q, sq_t, q_mask, coord_i, sq_d, coord_i < d).to(tl.float32)
+            qj = load_tile(q_base, rows_q, sq_t, q_mask, coord_j, sq_d, coord_j < d).to(tl.float32)
             S = tl.load(state_base + (P * 256 + features[:, None]) * e + columns[None, :],
                         mask=e_mask[None, :], other=0.0).to(OP)
             dphi = tl.dot(dn, tl.trans(S), input_precision=PRECISION) * (query_scale * weight)[:, None]
@@ -391,76 +335,29 @@ def pair_key_value_grad_kernel(
     """DK [b, t, h, d], DV [b, t, h, e] contiguous. DSTATES ``[b h, n, DI, e]`` / DMS ``[b h, n, DP, DP]`` slot c:
     the gradient of the state leaving chunk c. With HAS_GATE: KTERM [b, t, h] fp32 (``k_j . dk_j^state / 2``) and
     SPAN ``[b h, n, cdiv(C, BK), C]`` fp32 (row J: the spanning sums of key block J, ``_tiles.spanning_tile``)."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    blocks_per_chunk = tl.cdiv(C, BK)
-    c = pid // blocks_per_chunk
-    k_start = (pid % blocks_per_chunk) * BK
-    b = pid_bh // h
-    head = pid_bh % h
+    c, k_start, b, head, pid_bh = key_program(h, C, BK)
     group = hq // h
     DI = NP * 256
     NBP: tl.constexpr = DP // 16
 
-    local_j = k_start + tl.arange(0, BK)
-    rows_k = c * C + local_j
-    k_mask = (local_j < C) & (rows_k < t)
+    local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
     dims = tl.arange(0, DP)
     d_mask = dims < d
     columns = tl.arange(0, EP)
     e_mask = columns < e
     k_base = K + b * sk_b + head * sk_h
-    v_base = V + b * sv_b + head * sv_h
-    k32 = tl.load(k_base + rows_k[:, None] * sk_t + dims[None, :] * sk_d,
-                  mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    k32 = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(tl.float32)
     k = k32.to(OP)
-    v = tl.load(v_base + rows_k[:, None] * sv_t + columns[None, :] * sv_e,
-                mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
+    v = load_tile(V + b * sv_b + head * sv_h, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
     g_base = G + pid_bh * T_pad + c * C
     if HAS_GATE:
         g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-
-    dk = tl.zeros((BK, DP), dtype=tl.float32)
-    dv = tl.zeros((BK, EP), dtype=tl.float32)
     span_row = SPAN + ((pid_bh * n_chunks + c) * tl.cdiv(C, BK) + k_start // BK).to(tl.int64) * C
-    own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates of this key block
-    column = tl.zeros((BK,), dtype=tl.float32)
-    running = tl.sum(tl.zeros((BQ,), dtype=tl.float32), axis=0)
-    q_tiles = tl.cdiv(C - k_start, BQ)
-    for step in range(q_tiles):  # decreasing query tiles (the spanning sums run backwards), group inside
-        q_start = k_start + (q_tiles - 1 - step) * BQ
-        local_i = q_start + tl.arange(0, BQ)
-        rows_q = c * C + local_i
-        q_mask = (local_i < C) & (rows_q < t)
-        spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij = dA_ij A_ij summed over the group
-        for r in range(group):
-            query_head = head * group + r
-            q_base = Q + b * sq_b + query_head * sq_h
-            q = tl.load(q_base + rows_q[:, None] * sq_t + dims[None, :] * sq_d,
-                        mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(OP)
-            grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-            dn = tl.load(DN + grad_rows[:, None] * e + columns[None, :],
-                         mask=q_mask[:, None] & e_mask[None, :], other=0.0).to(OP)
-            delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
-            causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
-            if HAS_GATE:
-                g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
-                decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
-            else:
-                decay = tl.where(causal, 1.0, 0.0)
-            weights = scores * scores * decay
-            d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
-            d_scores = d_weights * 2.0 * scores * decay
-            dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
-            if HAS_GATE:
-                spanning += d_weights * weights
-        if HAS_GATE:
-            own, column, running = spanning_tile(spanning, local_i, local_j, q_start, k_start, C, own, column,
-                                                 running, span_row, BK)
-    if HAS_GATE:
-        spanning_finish(own, column, local_j, k_start, C, span_row, BK)
+    dk, dv = intra_key_value_grad(
+        k, v, local_j, k_mask, k_start, Q + b * sq_b + head * group * sq_h, sq_t, sq_d, sq_h, DN, e, DELTA, 1,
+        g_base, span_row, b, c, t, hq, head, group, C, scale, dims, d_mask, columns, e_mask,
+        HAS_GATE, 2, BQ, BK, DP, EP, OP, PRECISION,
+    )
 
     # The state leaving the chunk: every key of the chunk was written into it.
     if HAS_GATE:
@@ -475,10 +372,8 @@ def pair_key_value_grad_kernel(
         block_i, block_j, weight = _pair(PAIRS, P)
         coord_i = block_i * 16 + tl.arange(0, 16)
         coord_j = block_j * 16 + tl.arange(0, 16)
-        ki = tl.load(k_base + rows_k[:, None] * sk_t + coord_i[None, :] * sk_d,
-                     mask=k_mask[:, None] & (coord_i < d)[None, :], other=0.0).to(tl.float32)
-        kj = tl.load(k_base + rows_k[:, None] * sk_t + coord_j[None, :] * sk_d,
-                     mask=k_mask[:, None] & (coord_j < d)[None, :], other=0.0).to(tl.float32)
+        ki = load_tile(k_base, rows_k, sk_t, k_mask, coord_i, sk_d, coord_i < d).to(tl.float32)
+        kj = load_tile(k_base, rows_k, sk_t, k_mask, coord_j, sk_d, coord_j < d).to(tl.float32)
         dS = tl.load(state_base + (P * 256 + features[:, None]) * e + columns[None, :],
                      mask=e_mask[None, :], other=0.0).to(OP)
         row_weight = key_decay * weight
