@@ -436,8 +436,25 @@ def _pair_constants(Q, plan, layout):
     return dict(DP=layout.DP, EP=plan.EP, OP=plan.operand, PRECISION=plan.precision, GRAM_PRECISION=gram)
 
 
-def _pair_state_pass(X, V, delta, G, log_G, layout, plan, init, init_M, states, Ms, final, final_M, h, scale,
-                     backward):
+# RETENTION_TRITON_STATE=sequential: the deg-2 state passes walk the chunks inside each program (pairs.py);
+# parallel (default; 1.5x per pass at t=65536, b=1 on an H200, equal at 4k-16k): every chunk's contribution at
+# once, then a light scan (pair_scan.py). Measured in benchmarks/results/gpu_pair_scan.json.
+STATE_PASS = os.environ.get("RETENTION_TRITON_STATE", "parallel")
+if STATE_PASS not in ("parallel", "sequential"):
+    raise ValueError(f"RETENTION_TRITON_STATE must be 'parallel' or 'sequential', got {STATE_PASS!r}")
+
+
+def _pair_state_pass(*args, **kwargs):
+    """The deg-2 state pass that ``STATE_PASS`` names (same arguments and outputs)."""
+    if STATE_PASS == "parallel":
+        from .pair_scan import pair_state_pass_parallel  # here: pair_scan imports this module
+
+        return pair_state_pass_parallel(*args, **kwargs)
+    return _pair_state_pass_sequential(*args, **kwargs)
+
+
+def _pair_state_pass_sequential(X, V, delta, G, log_G, layout, plan, init, init_M, states, Ms, final, final_M, h,
+                                scale, backward):
     b, t, hx = X.shape[:3]
     e = V.shape[3]
     has_gate = log_G is not None
