@@ -215,6 +215,10 @@ def correctness(quick, results):
     inp = {n: v.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) if v.dim() == 4 else
            v.requires_grad_(True) for n, v in x.items()}
     ok &= check("fp32 deg2 d32 t500 non-contiguous", inp, 2, chunk_size=size(64, 8), results=results)[0]
+    # fp32 operands at d = 128: the largest shared-memory footprint (the tuned lists' single-stage / BK = 32 configs).
+    inp = random_inputs(b=1, t=size(700, 30), hq=2, h=1, d=size(128, 16), dtype=torch.float32, device=dev, deg=2,
+                        requires_grad=True)
+    ok &= check("fp32 deg2 d128 t700", inp, 2, chunk_size=size(256, 8), results=results)[0]
     log("\nd log_G of the strong-gate checks (relative error vs the float64 oracle):")
     log("| check | error | rule bound (plain baseline) | strict bound |")
     log("|---|---|---|---|")
@@ -379,8 +383,11 @@ def main():
             f"{r['matmul_frac_fwd']:.2f} / {r['matmul_frac_fwdbwd']:.2f} | {r['peak_extra_gib']:.2f} |")
     from retention_kernels.triton import function
 
-    for name in ("_TUNED_STATE", "_TUNED_OUTPUT", "_TUNED_QUERY_GRAD", "_TUNED_KEY_VALUE_GRAD"):
-        tuned = getattr(function, name, None)
+    tuned_kernels = {name: getattr(function, name, None) for name in ("_TUNED_STATE", "_TUNED_OUTPUT",
+                                                                      "_TUNED_QUERY_GRAD")}
+    tuned_kernels.update({f"_TUNED_KEY_VALUE_GRAD[{block}]": tuned
+                          for block, tuned in function._TUNED_KEY_VALUE_GRAD.items()})
+    for name, tuned in tuned_kernels.items():
         if tuned is not None:
             log(f"{name}: " + "; ".join(f"{k}: {v}" for k, v in tuned.cache.items()))
     if args.json:

@@ -367,9 +367,13 @@ def _pair_layout(d: int, device) -> _PairLayout:
 
 
 def _autotuned(kernel, configs, key):
-    """``kernel`` autotuned over ``configs`` (results cached on disk), or None under the interpreter."""
+    """``kernel`` autotuned over ``configs`` (results cached on disk), or None under the interpreter. A single-stage
+    copy of the first config comes last: with fp32 operands (fp16/fp32 inputs) at d = 128 the pipelined configs
+    need more shared memory than a Hopper SM has (e.g. 331 KB for the output kernel), and the tuner skips those."""
     if _INTERPRET:
         return None
+    first = configs[0]
+    configs = [*configs, triton.Config(first.kwargs, num_warps=first.num_warps, num_stages=1)]
     try:
         return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
     except TypeError:  # a triton without on-disk autotune caching
@@ -398,21 +402,26 @@ _TUNED_QUERY_GRAD = _autotuned(
     [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
     [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
 )
-# One BK for every config: the gates' scratch SPAN has one row per key block, allocated before the launch.
-_KEY_VALUE_BK = 64
-_TUNED_KEY_VALUE_GRAD = _autotuned(
-    pair_key_value_grad_kernel,
-    [_config(4, 2, BQ=64, BK=_KEY_VALUE_BK), _config(8, 2, BQ=64, BK=_KEY_VALUE_BK),
-     _config(8, 2, BQ=128, BK=_KEY_VALUE_BK)],
-    [*_SHAPE_KEY, "hq", "h", "HAS_GATE"],
-)
+# One BK per tuned list: the gates' scratch SPAN has one row per key block, allocated before the launch. BK = 32
+# where fp32 operands (fp16/fp32 inputs) meet d > 64: with BK = 64 the kernel needs 258 KB of shared memory there,
+# more than an H100/H200 SM has (227 KB).
+_TUNED_KEY_VALUE_GRAD = {
+    block: _autotuned(
+        pair_key_value_grad_kernel,
+        [_config(4, 2, BQ=64, BK=block), _config(8, 2, BQ=64, BK=block), _config(8, 2, BQ=128, BK=block)],
+        [*_SHAPE_KEY, "hq", "h", "HAS_GATE"],
+    )
+    for block in (64, 32)
+}
 # Under the interpreter (CPU): large blocks mean fewer (slow) Python-level programs.
 _INTERPRETER_META = dict(BT=32, BU=16, BQ=32, BK=32, PHI_T=True)
 
 
-def _key_value_block() -> int:
+def _key_value_block(plan, layout) -> int:
     """The BK that ``pair_key_value_grad_kernel`` runs with (see ``_launch``)."""
-    return _INTERPRETER_META["BK"] if _TUNED_KEY_VALUE_GRAD is None else _KEY_VALUE_BK
+    if _INTERPRET:
+        return _INTERPRETER_META["BK"]
+    return 32 if plan.operand == tl.float32 and layout.DP > 64 else 64
 
 
 # False: every GPU launch takes the first config of its list (no tuning runs; the checks set it to save compiles).
@@ -425,10 +434,15 @@ def _launch(tuned, kernel, grid, args, constants, meta_names):
         kernel[grid(meta)](*args, **constants, **meta, num_warps=4)
     elif AUTOTUNE:
         tuned[grid](*args, **constants)
-    else:
-        config = tuned.configs[0]
-        kernel[grid(config.kwargs)](*args, **constants, **config.kwargs, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
+    else:  # the first config that fits this GPU's shared memory
+        for config in tuned.configs:
+            try:
+                kernel[grid(config.kwargs)](*args, **constants, **config.kwargs, num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
+                return
+            except triton.runtime.errors.OutOfResources as error:
+                too_large = error
+        raise too_large
 
 
 def _pair_constants(Q, plan, layout):
@@ -525,7 +539,8 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     # the gate gradient's pieces (see _gate_gradient); without gates the kernels skip them
     query_terms = _new(b, t, hq, device=device) if has_gate else den
     key_terms = _new(b, t, h, device=device) if has_gate else den
-    key_blocks = triton.cdiv(plan.C, _key_value_block())
+    key_block = _key_value_block(plan, layout)
+    key_blocks = triton.cdiv(plan.C, key_block)
     spans = _new(b * h, plan.n, key_blocks, plan.C, device=device) if has_gate else den
     constants = dict(HAS_GATE=has_gate, HAS_STATE=has_state, **_pair_constants(Q, plan, layout))
     def query_grid(meta):
@@ -538,7 +553,7 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     constants = dict(HAS_GATE=has_gate, **_pair_constants(Q, plan, layout))
     def key_grid(meta):
         return (plan.n * triton.cdiv(plan.C, meta["BK"]), b * h)
-    _launch(_TUNED_KEY_VALUE_GRAD, pair_key_value_grad_kernel, key_grid,
+    _launch(_TUNED_KEY_VALUE_GRAD.get(key_block), pair_key_value_grad_kernel, key_grid,  # None: interpreted
             (Q, K, V, G_arg, layout.pairs, d_states, d_Ms, dn, delta, dK, dV, key_terms, spans, *common),
             constants, ("BQ", "BK"))
 
