@@ -166,16 +166,6 @@ def test_attend_window_gqa(poisoned_scratch, ratio, tq, w, state):
         assert_close_to_oracle("sum_of_keys", result[2], expected[1], 0.0, floor=1e-6)
 
 
-@pytest.mark.parametrize("block_r", [1, 2, 8], ids=["rows1", "rows2", "rows8"])
-def test_attend_window_row_blocks_agree(poisoned_scratch, block_r):
-    """The rows per program are a launch choice only: 1 (one program per query head, as without GQA), 2 (a
-    group split over programs) or 8 (a whole group and several queries per program) give the oracle's outputs."""
-    inputs = window_case(b=1, w=9, tq=2, hq=4, h=1, d=8, seed=block_r)
-    Y = run_attend(inputs, 2, block_r=block_r, splits=2)
-    oracle, plain = expected_outputs(inputs, 2, torch.float32)
-    assert_close_to_oracle("Y", Y, oracle, plain_error(oracle, plain))
-
-
 def test_attend_window_zero_query_gives_zero():
     """A query orthogonal to everything has denominator 0: the output row is 0, never NaN."""
     inputs = window_case(b=1, w=5, tq=2, hq=2, h=1)

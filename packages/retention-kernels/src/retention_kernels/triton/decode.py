@@ -9,12 +9,10 @@
     y   = num / den        (0 where den == 0)
 
 ``phi(q)`` is never materialised: each program builds it tile by tile from the minimal sympow layout (the index
-and weight table of :func:`retention.sympow.sympow_table`). One program serves a block of query rows that share
-a key/value head: its ``r = hq / h`` query heads (GQA), and with ``tq > 1`` several queries, each with its own
-causal limit and gate discount. So each state tile (and each window key block) is streamed from memory once per
-group, not once per query head. The state may be bf16/fp16/fp32; every product and accumulator is fp32. To use
-the whole GPU at decode (``b * h`` groups only), the state's D tiles and the window's key blocks are split over
-``splits`` programs per block, and a second small kernel adds the partial sums and normalises.
+and weight table of :func:`retention.sympow.sympow_table`), so the state is streamed from memory exactly once per
+query row. The state may be bf16/fp16/fp32; every product and accumulator is fp32. To use the whole GPU at
+decode (``b * hq`` rows only), the state's D tiles and the window's key blocks are split over ``splits``
+programs per row, and a second small kernel adds the partial sums and normalises.
 
 ``fold_window(K, V, G, deg, state, sum_of_keys)`` is the fold ``S' = e^{G_w} S + sum_j e^{G_w - G_j} phi(k_j)
 v_j^T`` (and ``z'`` alike), one program per ``(D tile, b * h)``: ``phi(k)`` tiles are built on the fly and
@@ -60,7 +58,7 @@ def _default_splits(rows: int, tiles: int, device: torch.device) -> int:
 @triton.jit
 def _attend_window_kernel(
     Q, K, V, G, S, Z, INDEX, WEIGHT, OUT, PARTIAL, NEW_K, NEW_V, NEW_LOG_G, RAW_G, LENGTH,
-    tq, w, h, ratio, row_blocks, rows, scale, scale_power,
+    tq, w, hq, ratio, scale, scale_power,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, sve,
@@ -75,136 +73,113 @@ def _attend_window_kernel(
     D: tl.constexpr, d: tl.constexpr, e: tl.constexpr,  # compile-time: masks fold away when d, e are powers of 2
     DEG: tl.constexpr, HAS_STATE: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr,
     APPEND: tl.constexpr, GATED: tl.constexpr, HAS_RAW: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    program = tl.program_id(0)  # (batch, key/value head, block of its query rows), the row block fastest
+    row = tl.program_id(0)  # (batch, query, query head), query head fastest
     split = tl.program_id(1)
-    row_block = program % row_blocks
-    kv_head = (program // row_blocks) % h
-    batch = program // (row_blocks * h)
+    head = row % hq
+    query = (row // hq) % tq
+    batch = row // (hq * tq)
+    kv_head = head // ratio
 
-    # The block's BLOCK_R rows: (query, query head of the group) pairs of this key/value head, the head fastest
-    # (row m: query m // ratio, head kv_head * ratio + m % ratio). Every K, V and state tile loaded below serves
-    # all of them: the state is read once per group, not once per query head.
-    offs_r = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
-    valid = offs_r < tq * ratio
-    query = offs_r // ratio
-    head = kv_head * ratio + offs_r % ratio
     offs_dh = tl.arange(0, BLOCK_DH)
     offs_e = tl.arange(0, BLOCK_E)
-    q_rows = Q + batch * sqb + query * sqt + head * sqh  # [BLOCK_R] pointers
-    q = tl.load(q_rows[:, None] + offs_dh[None, :] * sqd, mask=valid[:, None] & (offs_dh[None, :] < d),
-                other=0.0).to(tl.float32)
+    q_base = Q + batch * sqb + query * sqt + head * sqh
+    q = tl.load(q_base + offs_dh * sqd, mask=offs_dh < d, other=0.0).to(tl.float32)
     g_base = G + batch * sgb + kv_head * sgh
     if APPEND:
         # One query per row; the new key sits at the device-side length L, after the L keys of the buffer.
-        length = tl.load(LENGTH).to(tl.int32)
-        G_before = tl.where(length > 0, tl.load(g_base + tl.maximum(length - 1, 0) * sgt), 0.0)
+        n_keys = tl.load(LENGTH).to(tl.int32)
+        G_before = tl.where(n_keys > 0, tl.load(g_base + tl.maximum(n_keys - 1, 0) * sgt), 0.0)
         g_new = 0.0
         if GATED:
             g_new = tl.load(NEW_LOG_G + batch * sngb + kv_head * sngh)
-        G_m = tl.zeros([BLOCK_R], tl.float32) + (G_before + g_new)
-        n_keys = tl.zeros([BLOCK_R], tl.int32) + length
-        last_keys = length  # keys read by the block's last row
+        G_m = G_before + g_new
     else:
-        position = w - tq + query  # window position of each row's query; negative when there is no window
+        position = w - tq + query  # window position of this query; -1 when there is no window
         n_keys = position + 1
-        # G_m = 0 with no window (position < 0: then nothing decays the state).
-        G_m = tl.load(g_base + tl.maximum(position, 0) * sgt, mask=valid & (position >= 0), other=0.0)
-        last_query = (tl.minimum(row_block * BLOCK_R + BLOCK_R, tq * ratio) - 1) // ratio
-        last_keys = w - tq + last_query + 1
+        # G_m = 0 with no window (then nothing decays the state).
+        G_m = tl.load(g_base + tl.maximum(position, 0) * sgt, mask=w > 0, other=0.0)
 
     # Accumulate elementwise and reduce once at the end: no cross-thread reduction inside the loops.
-    numerator = tl.zeros([BLOCK_R, BLOCK_W, BLOCK_E], dtype=tl.float32)
-    denominator = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    numerator = tl.zeros([BLOCK_W, BLOCK_E], dtype=tl.float32)
+    denominator = tl.zeros([BLOCK_W], dtype=tl.float32)
 
-    # The window: row i reads keys 0..n_keys_i - 1, each decayed by e^{G_m - G_j}; keys past the block's last
-    # row's are never read.
+    # The window: keys 0..n_keys-1, each decayed by e^{G_m - G_j}; rows past n_keys are never read.
     k_base = K + batch * skb + kv_head * skh
     v_base = V + batch * svb + kv_head * svh
-    for block in tl.range(split, tl.cdiv(last_keys, BLOCK_W), SPLITS, num_stages=STAGES):
+    for block in tl.range(split, tl.cdiv(n_keys, BLOCK_W), SPLITS, num_stages=STAGES):
         offs_j = block * BLOCK_W + tl.arange(0, BLOCK_W)
-        present = offs_j < last_keys
+        visible = offs_j < n_keys
         k = tl.load(k_base + offs_j[:, None] * skt + offs_dh[None, :] * skd,
-                    mask=present[:, None] & (offs_dh[None, :] < d), other=0.0).to(tl.float32)
-        score = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_R, BLOCK_W]
+                    mask=visible[:, None] & (offs_dh[None, :] < d), other=0.0).to(tl.float32)
+        score = tl.sum(k * q[None, :], axis=1) * scale
         power = score
         for _ in tl.static_range(DEG - 1):
             power = power * score
-        G_j = tl.load(g_base + offs_j * sgt, mask=present, other=0.0)
-        visible = valid[:, None] & (offs_j[None, :] < n_keys[:, None])
-        # Exponents of hidden keys (later than a row's query) may be large: zeroed before the exp, no overflow.
-        decay = tl.exp(tl.where(visible, G_m[:, None] - G_j[None, :], 0.0))
-        weight = tl.where(visible, power * decay, 0.0)
+        G_j = tl.load(g_base + offs_j * sgt, mask=visible, other=0.0)
+        weight = tl.where(visible, power * tl.exp(G_m - G_j), 0.0)
         v = tl.load(v_base + offs_j[:, None] * svt + offs_e[None, :] * sve,
-                    mask=present[:, None] & (offs_e[None, :] < e), other=0.0).to(tl.float32)
-        numerator += weight[:, :, None] * v[None, :, :]
+                    mask=visible[:, None] & (offs_e[None, :] < e), other=0.0).to(tl.float32)
+        numerator += weight[:, None] * v
         denominator += weight
-    numerator = tl.sum(numerator, axis=1)  # [BLOCK_R, BLOCK_E]
-    denominator = tl.sum(denominator, axis=1)  # [BLOCK_R]
+    numerator = tl.sum(numerator, axis=0)
+    denominator = tl.sum(denominator, axis=0)
 
     if APPEND:
         # The new key (weight (s <q, k>)^p, no decay), counted by the first split; one program per key/value
         # head writes it (and its gates) into the buffers at L. Every other read is of rows below L: no race.
         k_new = tl.load(NEW_K + batch * snkb + kv_head * snkh + offs_dh * snkd, mask=offs_dh < d, other=0.0)
         v_new = tl.load(NEW_V + batch * snvb + kv_head * snvh + offs_e * snve, mask=offs_e < e, other=0.0)
-        score = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale
+        score = tl.sum(k_new.to(tl.float32) * q, axis=0) * scale
         power = score
         for _ in tl.static_range(DEG - 1):
             power = power * score
         power = tl.where(split == 0, power, 0.0)
-        numerator += power[:, None] * v_new.to(tl.float32)[None, :]
+        numerator += power * v_new.to(tl.float32)
         denominator += power
         # Masks as one comparison each against a limit that is 0 for the programs that do not write.
-        writer = (split + row_block) == 0
+        writer = (split + head % ratio) == 0
         single = tl.arange(0, 1)  # one-element blocks: masked scalar stores
-        G_new = G_before + g_new
-        tl.store(k_base + length * skt + offs_dh * skd, k_new, mask=offs_dh < tl.where(writer, d, 0))
-        tl.store(v_base + length * svt + offs_e * sve, v_new, mask=offs_e < tl.where(writer, e, 0))
-        tl.store(g_base + length * sgt + single, G_new + tl.zeros([1], tl.float32),
-                 mask=single < tl.where(writer, 1, 0))
+        tl.store(k_base + n_keys * skt + offs_dh * skd, k_new, mask=offs_dh < tl.where(writer, d, 0))
+        tl.store(v_base + n_keys * svt + offs_e * sve, v_new, mask=offs_e < tl.where(writer, e, 0))
+        tl.store(g_base + n_keys * sgt + single, G_m + tl.zeros([1], tl.float32), mask=single < tl.where(writer, 1, 0))
         if HAS_RAW:
-            tl.store(RAW_G + batch * srgb + length * srgt + kv_head * srgh + single,
+            tl.store(RAW_G + batch * srgb + n_keys * srgt + kv_head * srgh + single,
                      g_new + tl.zeros([1], tl.float32), mask=single < tl.where(writer, 1, 0))
 
-    # The state: phi(q)^T [S, z] for every row, phi(q) built tile by tile from the sympow table, each state tile
-    # loaded once for the block's rows, scaled once at the end.
+    # The state: phi(q)^T [S, z], phi(q) built tile by tile from the sympow table, scaled once at the end.
     if HAS_STATE:
-        state_numerator = tl.zeros([BLOCK_R, BLOCK_D, BLOCK_E], dtype=tl.float32)
-        state_denominator = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        state_numerator = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+        state_denominator = tl.zeros([BLOCK_D], dtype=tl.float32)
         s_base = S + batch * ssb + kv_head * ssh
         z_base = Z + batch * szb + kv_head * szh
         for tile in tl.range(split, tl.cdiv(D, BLOCK_D), SPLITS, num_stages=STAGES):
             offs_a = tile * BLOCK_D + tl.arange(0, BLOCK_D)
             inside = offs_a < D
-            phi = tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + tl.load(WEIGHT + offs_a, mask=inside, other=0.0)[None, :]
+            phi = tl.load(WEIGHT + offs_a, mask=inside, other=0.0)
             for p in tl.static_range(DEG):
                 coordinate = tl.load(INDEX + offs_a * DEG + p, mask=inside, other=0)
-                phi = phi * tl.load(q_rows[:, None] + coordinate[None, :] * sqd,
-                                    mask=valid[:, None] & inside[None, :], other=0.0).to(tl.float32)
+                phi = phi * tl.load(q_base + coordinate * sqd, mask=inside, other=0.0).to(tl.float32)
             state = tl.load(s_base + offs_a[:, None] * ssd + offs_e[None, :] * sse,
                             mask=inside[:, None] & (offs_e[None, :] < e), other=0.0).to(tl.float32)
             z = tl.load(z_base + offs_a * szd, mask=inside, other=0.0).to(tl.float32)
-            state_numerator += phi[:, :, None] * state[None, :, :]
-            state_denominator += phi * z[None, :]
-        coefficient = scale_power * tl.exp(G_m)  # [BLOCK_R]
-        numerator += coefficient[:, None] * tl.sum(state_numerator, axis=1)
-        denominator += coefficient * tl.sum(state_denominator, axis=1)
+            state_numerator += phi[:, None] * state
+            state_denominator += phi * z
+        coefficient = scale_power * tl.exp(G_m)
+        numerator += coefficient * tl.sum(state_numerator, axis=0)
+        denominator += coefficient * tl.sum(state_denominator, axis=0)
 
-    store = valid[:, None] & (offs_e[None, :] < e)
     if SPLITS == 1:
         empty = denominator == 0.0
-        y = tl.where(empty[:, None], 0.0, numerator / tl.where(empty, 1.0, denominator)[:, None])
-        out = OUT + batch * sob + query[:, None] * sot + head[:, None] * soh + offs_e[None, :] * soe
-        tl.store(out, y.to(OUT.dtype.element_ty), mask=store)
+        y = tl.where(empty, 0.0, numerator / tl.where(empty, 1.0, denominator))
+        out = OUT + batch * sob + query * sot + head * soh + offs_e * soe
+        tl.store(out, y.to(OUT.dtype.element_ty), mask=offs_e < e)
     else:
-        # PARTIAL [SPLITS, rows, BLOCK_E + 1], rows = (batch, query, query head) as in OUT: numerators, then the
-        # denominator in the last column.
-        out_row = (batch * tq + query) * (h * ratio) + head
-        partial = PARTIAL + (split * rows + out_row) * (BLOCK_E + 1)
-        tl.store(partial[:, None] + offs_e[None, :], numerator, mask=valid[:, None])
-        tl.store(partial + BLOCK_E, denominator, mask=valid)
+        # PARTIAL [SPLITS, rows, BLOCK_E + 1]: numerators, then the denominator in the last column.
+        partial = PARTIAL + (split * tl.num_programs(0) + row) * (BLOCK_E + 1)
+        tl.store(partial + offs_e, numerator)
+        tl.store(partial + BLOCK_E, denominator)
 
 
 @triton.jit
@@ -239,44 +214,31 @@ def _block(n: int) -> int:
 
 
 # Launch choices for the decode kernel; None picks per device. ``stages`` > 1 asks Triton to software-pipeline
-# the loads of the window and state loops. ``block_r``: query rows per program (the query heads of a group, times
-# the queries when tq > 1), ``block_d`` / ``block_w``: state rows / window keys per loop step. The defaults for
-# hq = h are the best of the sweep in benchmarks/gpu_decode.py (H200, bf16, b=16, h=8, d=64: 4 warps, 128-row
-# state tiles, 3 stages, 2 splits: 18 us for a full window); with more rows per program the tiles shrink so that
-# a program holds about as many fp32 accumulators (8192) as then.
-TUNING = {"splits": None, "block_r": None, "block_d": None, "block_w": None, "num_warps": 4, "stages": 3}
-_ACCUMULATORS = 8192  # fp32 elements of a program's elementwise state accumulator [BLOCK_R, BLOCK_D, BLOCK_E]
+# the loads of the window and state loops. The defaults are the best of the sweep in benchmarks/gpu_decode.py
+# (H200, bf16, b=16, h=8, d=64: 4 warps, 128-row state tiles, 3 stages, 2 splits: 18 us for a full window).
+TUNING = {"splits": None, "block_d": None, "num_warps": 4, "stages": 3}
 
 
 def _scratch(*shape, device) -> torch.Tensor:
-    """The partial sums of split rows (every entry the combine kernel reads is written first; tests poison it)."""
-    return torch.empty(*shape, device=device, dtype=torch.float32)
+    """fp32 partial sums of the split programs (every entry is written before the combine kernel reads it)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
 
 
-def _launch_attend(Q, K, V, G, state, keys, deg, scale, *, append=None, splits=None, block_r=None, block_d=None,
-                   block_w=None, num_warps=None, stages=None):
+def _launch_attend(Q, K, V, G, state, keys, deg, scale, *, append=None, splits=None, block_d=None,
+                   num_warps=None, stages=None):
     """Run the attend kernel (and the combine kernel when the rows are split); returns ``Y``.
 
-    One program serves ``block_r`` query rows of one key/value head (its ``r = hq / h`` query heads, for each
-    of the ``tq`` queries), so each K, V and state tile is loaded once for all of them.
     ``append = (K_new, V_new, log_G_new or None, raw_log_G_buffer or None, length)``: decode mode (see
     :func:`decode_step`); ``K``, ``V``, ``G`` are then the window buffers.
     """
     b, tq, hq, d = Q.shape
     w, h, e = K.shape[1], K.shape[2], V.shape[-1]
-    ratio = hq // h
     index, weight = _table(d, deg, Q.device)
     D = index.shape[0]
     block_e = _block(e)
-    # At most 8 rows (fewer for wide values): the [BLOCK_R, 16, BLOCK_E] accumulator must stay in registers.
-    block_r = block_r or TUNING["block_r"] or min(triton.next_power_of_2(tq * ratio),
-                                                   max(1, _ACCUMULATORS // (16 * block_e)), 8)
-    block_d = block_d or TUNING["block_d"] or max(16, min(128, _ACCUMULATORS // (block_e * block_r)))
-    block_w = block_w or TUNING["block_w"] or max(16, 32 // block_r)
-    row_blocks = triton.cdiv(tq * ratio, block_r)
-    programs = b * h * row_blocks
+    block_d = block_d or TUNING["block_d"] or max(16, min(128, 8192 // block_e))
     rows = b * tq * hq
-    splits = splits or TUNING["splits"] or _default_splits(programs, triton.cdiv(D, block_d), Q.device)
+    splits = splits or TUNING["splits"] or _default_splits(rows, triton.cdiv(D, block_d), Q.device)
     num_warps = num_warps or TUNING["num_warps"]
     stages = stages or TUNING["stages"]
     G = G.float() if G.numel() else torch.zeros(b, 1, h, device=Q.device)  # a valid pointer when w == 0
@@ -292,15 +254,15 @@ def _launch_attend(Q, K, V, G, state, keys, deg, scale, *, append=None, splits=N
     gated, has_raw = new_log_G is not None, raw is not None
     new_log_G = G if new_log_G is None else new_log_G
     raw = G if raw is None else raw
-    _attend_window_kernel[(programs, splits)](
+    _attend_window_kernel[(rows, splits)](
         Q, K, V, G, state, keys, index, weight, out, partial, new_K, new_V, new_log_G, raw, length,
-        tq, w, h, ratio, row_blocks, rows, scale, scale**deg,
+        tq, w, hq, hq // h, scale, scale**deg,
         *Q.stride(), *K.stride(), *V.stride(), *G.stride(), *state.stride(), *keys.stride(), *out.stride(),
         new_K.stride(0), new_K.stride(-2), new_K.stride(-1), new_V.stride(0), new_V.stride(-2), new_V.stride(-1),
         new_log_G.stride(0), new_log_G.stride(-1), *raw.stride()[:3],
         D=D, d=d, e=e, DEG=deg, HAS_STATE=has_state, SPLITS=splits, STAGES=stages,
         APPEND=append is not None, GATED=gated, HAS_RAW=has_raw,
-        BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_D=block_d, BLOCK_DH=_block(d), BLOCK_E=block_e,
+        BLOCK_W=32, BLOCK_D=block_d, BLOCK_DH=_block(d), BLOCK_E=block_e,
         num_warps=num_warps,
     )
     bump = append is not None and splits > 1
