@@ -150,3 +150,17 @@ def test_attend_window_selection(monkeypatch, fresh_discovery):
     fake_kernels(monkeypatch, __version__, [with_window])
     chosen = select_backend(problem, "auto", need="attend_window")
     assert chosen is with_window or chosen.priority > with_window.priority
+
+
+def test_per_operation_priority(monkeypatch, fresh_discovery):
+    """A backend below another overall can still be the best at one operation (CUDA's attend_window)."""
+    calls = []
+    overall = recording_backend("triton", 20, calls, attend_window=lambda problem, G: "triton window")
+    window_only = Backend("cuda", 15, lambda problem: None, get_backend("reference").forward,
+                          attend_window=lambda problem, G: "cuda window", priorities=(("attend_window", 30),))
+    fake_kernels(monkeypatch, __version__, [overall, window_only])
+    problem = problem_of()
+    assert select_backend(problem, "auto").name == "triton"
+    assert select_backend(problem, "auto", need="attend_window").name == "cuda"
+    assert window_only.priority_for("attend_window") == 30 and window_only.priority_for("forward") == 15
+    assert select_backend(problem, "triton", need="attend_window") is overall

@@ -6,8 +6,10 @@ reason it cannot), a differentiable ``forward(problem) -> (Y, state, sum_of_keys
 ``G`` the window's cumulative log gate in fp32; it may fold the window too and then returns
 ``(Y, state, sum_of_keys)``) and an optional fused ``decode_step`` for the static cache (contract:
 ``retention_kernels.triton.decode.decode_step``); see ``retention.inference``. ``"auto"`` picks the
-highest-priority backend that supports the problem. Backends in ``retention_kernels`` (Triton, CUDA) are
-discovered when that package is installed at the same version.
+highest-priority backend that supports the problem and has the operation asked for; ``priorities`` overrides
+``priority`` per operation (a backend can be the best at ``attend_window`` without being the best overall).
+Backends in ``retention_kernels`` (Triton, CUDA) are discovered when that package is installed at the same
+version.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class Backend:
     forward: Callable[[Problem], tuple]
     attend_window: Callable | None = None
     decode_step: Callable | None = None
+    priorities: tuple[tuple[str, int], ...] = ()  # (operation, priority) pairs that differ from ``priority``
+
+    def priority_for(self, need: str) -> int:
+        """The priority of this backend for operation ``need`` (``"forward"``, ``"attend_window"``, ...)."""
+        return dict(self.priorities).get(need, self.priority)
 
 
 def _reference_supports(problem: Problem) -> str | None:
@@ -139,7 +146,7 @@ def select_backend(problem: Problem, name: str = "auto", need: str = "forward") 
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run this call: {reason}")
         return backend if getattr(backend, need) is not None else None
-    candidates = sorted(available_backends().values(), key=lambda backend: -backend.priority)
+    candidates = sorted(available_backends().values(), key=lambda backend: -backend.priority_for(need))
     for backend in candidates:
         if getattr(backend, need) is not None and backend.supports(problem) is None:
             return backend
