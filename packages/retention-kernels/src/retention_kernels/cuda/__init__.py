@@ -100,7 +100,8 @@ def _decode_step(*args):
 
 # Verified on an H200 against the float64 oracle (benchmarks/results/gpu_cuda.md, 70/70 checks). Below Triton (20)
 # overall: the fused decode step (27-48 us vs 16-22 us per token at b16 h8 d64) and the fold (466 vs 332 us) are
-# slower; above it for attend_window alone (52-74 us vs 109 us at a full window), so "auto" takes CUDA for that.
+# slower; above it for attend_window alone (52-74 us at tq=1, b16, a full 512 window, against 109-169 us for the
+# Triton kernels measured), so "auto" takes CUDA for that.
 PRIORITY = 15
 PRIORITIES = (("attend_window", 30),)
 
