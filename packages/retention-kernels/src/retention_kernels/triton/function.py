@@ -366,18 +366,21 @@ def _pair_layout(d: int, device) -> _PairLayout:
     return layout
 
 
-def _autotuned(kernel, configs, key):
+def _autotuned(kernel, configs, key, fallbacks=()):
     """``kernel`` autotuned over ``configs`` (results cached on disk), or None under the interpreter. A single-stage
-    copy of the first config comes last: with fp32 operands (fp16/fp32 inputs) at d = 128 the pipelined configs
-    need more shared memory than a Hopper SM has (e.g. 331 KB for the output kernel), and the tuner skips those."""
+    copy of the first config, then ``fallbacks``, come last: with fp32 operands (fp16/fp32 inputs) at d = 128 the
+    pipelined configs need more shared memory than a Hopper SM has (e.g. 331 KB for the output kernel), and the
+    tuner skips those (untuned launches take the first that fits; tests/hopper_fit.py checks one always does)."""
     if _INTERPRET:
         return None
     first = configs[0]
     configs = [*configs, triton.Config(first.kwargs, num_warps=first.num_warps, num_stages=1)]
     try:
-        return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
+        tuned = triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
     except TypeError:  # a triton without on-disk autotune caching
-        return triton.autotune(configs=configs, key=key)(kernel)
+        tuned = triton.autotune(configs=configs, key=key)(kernel)
+    tuned.fallbacks = tuple(fallbacks)  # tried only when no tuned config fits (see _launch)
+    return tuned
 
 
 def _config(num_warps, num_stages, **meta):
@@ -392,15 +395,17 @@ _TUNED_STATE = _autotuned(
      _config(8, 2, BT=128, BU=8, PHI_T=True)],
     [*_SHAPE_KEY, "hx", "h", "BACKWARD", "HAS_GATE", "HAS_INIT"],
 )
+# fp32 inputs at d = 128: the [256, 128] fp32 state tile alone takes 128 KB, so the last resort shrinks the rows.
+_SMALL_ROWS = (_config(4, 1, BQ=16, BK=32),)
 _TUNED_OUTPUT = _autotuned(
     pair_output_kernel,
     [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
-    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
+    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"], _SMALL_ROWS,
 )
 _TUNED_QUERY_GRAD = _autotuned(
     pair_query_grad_kernel,
     [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
-    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
+    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"], _SMALL_ROWS,
 )
 # One BK per tuned list: the gates' scratch SPAN has one row per key block, allocated before the launch. BK = 32
 # where fp32 operands (fp16/fp32 inputs) meet d > 64: with BK = 64 the kernel needs 258 KB of shared memory there,
@@ -409,7 +414,7 @@ _TUNED_KEY_VALUE_GRAD = {
     block: _autotuned(
         pair_key_value_grad_kernel,
         [_config(4, 2, BQ=64, BK=block), _config(8, 2, BQ=64, BK=block), _config(8, 2, BQ=128, BK=block)],
-        [*_SHAPE_KEY, "hq", "h", "HAS_GATE"],
+        [*_SHAPE_KEY, "hq", "h", "HAS_GATE"], (_config(4, 1, BQ=16, BK=block),),
     )
     for block in (64, 32)
 }
@@ -433,16 +438,25 @@ def _launch(tuned, kernel, grid, args, constants, meta_names):
         meta = {name: _INTERPRETER_META[name] for name in meta_names}
         kernel[grid(meta)](*args, **constants, **meta, num_warps=4)
     elif AUTOTUNE:
-        tuned[grid](*args, **constants)
-    else:  # the first config that fits this GPU's shared memory
-        for config in tuned.configs:
-            try:
-                kernel[grid(config.kwargs)](*args, **constants, **config.kwargs, num_warps=config.num_warps,
-                                            num_stages=config.num_stages)
-                return
-            except triton.runtime.errors.OutOfResources as error:
-                too_large = error
-        raise too_large
+        try:
+            tuned[grid](*args, **constants)
+        except triton.runtime.errors.OutOfResources:  # no tuned config fits this GPU: the small fallbacks
+            _launch_first_fitting(kernel, grid, args, constants, tuned.fallbacks)
+    else:
+        _launch_first_fitting(kernel, grid, args, constants, [*tuned.configs, *tuned.fallbacks])
+
+
+def _launch_first_fitting(kernel, grid, args, constants, configs):
+    """Launch ``kernel`` with the first of ``configs`` that fits this GPU's shared memory."""
+    too_large = RuntimeError("no config to launch")
+    for config in configs:
+        try:
+            kernel[grid(config.kwargs)](*args, **constants, **config.kwargs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
+            return
+        except triton.runtime.errors.OutOfResources as error:
+            too_large = error
+    raise too_large
 
 
 def _pair_constants(Q, plan, layout):
