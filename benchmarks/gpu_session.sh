@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks still owed by issues 3, 4 and 6, as device calls (each under the 600 s limit; each writes at most 8
-# files to $OUT: the device returns no more). Run one stage per call from the repo root:
+# files to $OUT: the device returns no more; the span stage keeps only its logs). One stage per call, repo root:
 #
 #     bash benchmarks/gpu_session.sh decode     # issue 4: GPU cache tests + gpu_decode.py on the current kernels
 #     bash benchmarks/gpu_session.sh checks     # issue 3: every gpu_triton.py check (incl. fp32 d=128, compile)
 #     bash benchmarks/gpu_session.sh suite      # issue 6: the full GPU protocol (deg 1/2/4, d 32/64/128)
+#     bash benchmarks/gpu_session.sh span       # issue 3: RETENTION_TRITON_SPAN=scan vs dot (checks, then timing)
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 set -uo pipefail
@@ -30,7 +31,19 @@ case "${1:-}" in
     timeout 580 python3 benchmarks/suite.py --time-budget 520 --out "$OUT" > "$OUT/suite-log.txt" 2>&1
     echo "suite rc=$?"; tail -12 "$OUT/suite-log.txt"
     ;;
+  span)
+    # the gate-gradient spanning sums by a row scan: verify (strong-gate checks), then time deg 1/2 at 64k vs dot
+    RETENTION_TRITON_SPAN=scan timeout 250 python3 benchmarks/gpu_triton.py --checks-only --quick \
+      > "$OUT/span_scan_checks_log.txt" 2>&1
+    echo "scan checks rc=$?"; grep -E "FAIL|Error|dlog_G strict" "$OUT/span_scan_checks_log.txt" | head -20
+    for mode in dot scan; do
+      RETENTION_TRITON_SPAN=$mode timeout 150 python3 benchmarks/suite.py --quick --methods 'retention[triton]' \
+        --contexts 65536 --no-decode --no-breakdown --tag "span-$mode" --out "/tmp/span-$mode" \
+        > "$OUT/span_${mode}_log.txt" 2>&1
+      echo "span=$mode rc=$?"; grep -E "retention\[triton\]" "$OUT/span_${mode}_log.txt" | tail -4
+    done
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh decode|checks|suite" >&2; exit 2
+    echo "usage: bash benchmarks/gpu_session.sh decode|checks|suite|span" >&2; exit 2
     ;;
 esac

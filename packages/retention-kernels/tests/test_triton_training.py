@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import triton.language as tl
 
 pytest.importorskip("triton")
 
@@ -125,6 +126,24 @@ def test_gate_gradient_with_unequal_blocks(blocks, interpreter, monkeypatch):
     monkeypatch.setitem(function._INTERPRETER_META, "BQ", BQ)
     monkeypatch.setitem(function._INTERPRETER_META, "BK", BK)
     check_against_oracle(strong_gate_inputs(2, 16, "uniform"), 2, 35, interpreter)
+
+
+@pytest.mark.parametrize("case", ["deg2-pairs", "deg2-minimal-layout", "deg1"])
+@pytest.mark.parametrize("blocks", [(32, 32), (16, 32), (32, 16)], ids=["BQ32-BK32", "BQ16-BK32", "BQ32-BK16"])
+def test_spanning_sums_by_scan(case, blocks, interpreter, monkeypatch):
+    """RETENTION_TRITON_SPAN=scan (the diagonal tiles' spanning sums by a row scan instead of a product) gives the
+    oracle's gate gradient under strong gates (uniform in [-20, 0]), through both kernel families and unequal tiles."""
+    if interpreter == "cuda":
+        pytest.skip("the switch is read when the kernels are compiled; on a GPU set RETENTION_TRITON_SPAN=scan")
+    from retention_kernels.triton import _tiles
+
+    deg, d, chunk_size, pairs = GATE_CASES[case]
+    monkeypatch.setattr(_tiles, "SPAN_BY_SCAN", tl.constexpr(True))
+    monkeypatch.setattr(function, "PAIR_LAYOUT", pairs)
+    BQ, BK = blocks
+    monkeypatch.setitem(function._INTERPRETER_META, "BQ", BQ)
+    monkeypatch.setitem(function._INTERPRETER_META, "BK", BK)
+    check_against_oracle(strong_gate_inputs(deg, d, "uniform"), deg, 35, interpreter)
 
 
 def test_non_contiguous_inputs(interpreter):

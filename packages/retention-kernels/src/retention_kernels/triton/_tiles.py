@@ -8,8 +8,15 @@ A tile of features ``a0 .. a0+BD`` of ``phi(x)`` for a block of rows is built in
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# RETENTION_TRITON_SPAN=scan: the spanning sums of the diagonal tiles by a scan along each row (O(BQ BK)) instead of
+# an fp32 product with the strict-upper ones matrix (O(BQ BK^2) on the CUDA cores, the suspect of the key/value
+# kernel's slowdown). Equal under the interpreter; not yet compiled or timed on a GPU, hence off by default.
+SPAN_BY_SCAN = tl.constexpr(os.environ.get("RETENTION_TRITON_SPAN", "dot") == "scan")
 
 
 @triton.jit
@@ -84,9 +91,15 @@ def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, running
         the total of the tiles after this one; stored to ``SPAN_ROW + u`` here.
     """
     if q_start < k_start + BK:
-        before = (local_j[:, None] < local_j[None, :]).to(tl.float32)
-        spanned = tl.dot(P, before, input_precision="ieee")  # [BQ, BK]: sum_{j < u} P_ij
-        own += tl.sum(tl.where(local_i[:, None] >= local_j[None, :], spanned, 0.0), axis=0)
+        if SPAN_BY_SCAN:
+            # at v = u - 1: sum_{i > v} sum_{j <= v} P_ij (an inclusive scan, never the diagonal), moved to u
+            scanned = tl.cumsum(P, axis=1)
+            by_previous = tl.sum(tl.where(local_i[:, None] > local_j[None, :], scanned, 0.0), axis=0)
+            own += tl.sum(tl.where(local_j[:, None] + 1 == local_j[None, :], by_previous[:, None], 0.0), axis=0)
+        else:
+            before = (local_j[:, None] < local_j[None, :]).to(tl.float32)
+            spanned = tl.dot(P, before, input_precision="ieee")  # [BQ, BK]: sum_{j < u} P_ij
+            own += tl.sum(tl.where(local_i[:, None] >= local_j[None, :], spanned, 0.0), axis=0)
     else:
         column += tl.sum(P, axis=0)
     rows = tl.sum(P, axis=1)
