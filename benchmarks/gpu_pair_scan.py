@@ -26,10 +26,6 @@ import sys
 import time
 
 
-def log(*args):
-    print(*args, flush=True)
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_pair_scan.json")
@@ -43,6 +39,7 @@ if ARGS.dry_run:  # before triton decorates the kernels
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from gpu_triton import extra_peak_gib, log  # noqa: E402  (benchmarks/ is on the path: scripts run from there)
 
 from retention import power_retention  # noqa: E402
 from retention.testing import random_inputs, relative_error  # noqa: E402
@@ -169,15 +166,7 @@ def whole_fwd_bwd(inputs, dY, state_pass):
             return [Y, *torch.autograd.grad(Y, list(leaves.values()), dY)]
 
         outputs = step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        else:
-            peak = float("nan")
+        peak = extra_peak_gib(step) if DEVICE == "cuda" else float("nan")
         return bench(step), peak, outputs
     finally:
         function._pair_state_pass = original

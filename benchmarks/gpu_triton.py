@@ -47,6 +47,16 @@ def log(*args):
     print(*args, flush=True)
 
 
+def extra_peak_gib(step) -> float:
+    """Peak CUDA memory one call of ``step`` allocates above what is allocated before it, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def run_backend(inputs, deg, chunk_size, cotangents, **kwargs):
     """Outputs and input gradients of the Triton backend for fixed cotangents (dY, dS, dz)."""
     Y, S, z = power_retention(**inputs, deg=deg, chunk_size=chunk_size, return_final_state=True,
@@ -309,12 +319,7 @@ def timing(deg_list, t_list, chunk_list, rate, rows):
                                  grad_to_none=[inp[n] for n in ("Q", "K", "V", "log_G")])
                 for n in ("Q", "K", "V", "log_G"):
                     inp[n].grad = None
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-                fb()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+                peak = extra_peak_gib(fb)
                 chunk = C or default_chunk_size(t, d, deg)
                 flops = power_retention_cost(b, t, h, d, deg=deg, chunk_size=chunk).flops  # SPEC section 6 count
                 frac_f = flops / ms_f * 1e-9 / rate
