@@ -4,7 +4,8 @@
 #
 #     bash benchmarks/gpu_session.sh decode     # issue 4: GPU cache tests + gpu_decode.py on the current kernels
 #     bash benchmarks/gpu_session.sh checks     # issue 3: every gpu_triton.py check (incl. fp32 d=128, compile)
-#     bash benchmarks/gpu_session.sh suite      # issue 6: the full GPU protocol (deg 1/2/4, d 32/64/128)
+#     bash benchmarks/gpu_session.sh suite1     # issue 6: the GPU protocol's standard problem, deg 1, decode
+#     bash benchmarks/gpu_session.sh suite2     # issue 6: the rest (d 32/128, deg 4), extending suite1's JSON
 #     bash benchmarks/gpu_session.sh span       # issue 3: RETENTION_TRITON_SPAN=scan vs dot (checks, then timing)
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
@@ -27,9 +28,18 @@ case "${1:-}" in
       > "$OUT/gpu_triton_checks_log.txt" 2>&1
     echo "checks rc=$?"; grep -E "FAIL|Error" "$OUT/gpu_triton_checks_log.txt" | head; tail -25 "$OUT/gpu_triton_checks_log.txt"
     ;;
-  suite)
-    timeout 580 python3 benchmarks/suite.py --time-budget 520 --out "$OUT" > "$OUT/suite-log.txt" 2>&1
-    echo "suite rc=$?"; tail -12 "$OUT/suite-log.txt"
+  suite1)
+    # the standard problem (deg 2, d 64) and deg 1, every pass and length, the decode suite and the breakdown
+    timeout 580 python3 benchmarks/suite.py --degs 2,1 --head-dims 64 --tag part1 --time-budget 520 --out "$OUT" \
+      > "$OUT/suite-part1-log.txt" 2>&1
+    echo "suite part 1 rc=$?"; tail -6 "$OUT/suite-part1-log.txt"
+    ;;
+  suite2)
+    # the rest of the protocol (d 32 / 128, deg 4), keeping part 1's rows: carry part 1's JSON in dist/
+    part1=$(ls dist/*-part1.json | tail -1)
+    timeout 580 python3 benchmarks/suite.py --degs 2,1,4 --head-dims 64,32,128 --extend "$part1" --no-decode \
+      --no-breakdown --time-budget 540 --out "$OUT" > "$OUT/suite-log.txt" 2>&1
+    echo "suite rc=$?"; tail -6 "$OUT/suite-log.txt"
     ;;
   span)
     # the gate-gradient spanning sums by a row scan: verify (strong-gate checks), then time deg 1/2 at 64k vs dot
@@ -44,6 +54,6 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh decode|checks|suite|span" >&2; exit 2
+    echo "usage: bash benchmarks/gpu_session.sh decode|checks|suite1|suite2|span" >&2; exit 2
     ;;
 esac

@@ -306,6 +306,19 @@ def backend_refuses(name: str, case: Case, config: Config) -> str | None:
     return get_backend(name).supports(validate(x, x, x, None, None, None, case.deg, None, None, True))
 
 
+def estimated_gb(backend: str, case: Case, chunk: int) -> float:
+    """Device memory a forward+backward of ours needs beyond its inputs, roughly: the fp32 per-chunk states
+    ``[b, h, n + 1, D, e + 1]`` and their gradients; the reference also materialises phi(q) ``[b, t, h, D]`` and
+    the ``c x c`` blocks, and autograd keeps about three times all that."""
+    D = retention.sympow_dim(case.head_dim, case.deg)
+    states = case.b * case.heads * (math.ceil(case.t / chunk) + 1) * D * (case.head_dim + 1)
+    if backend == "reference":
+        elements = 3 * (states + case.b * case.heads * case.t * (D + chunk))
+    else:
+        elements = 2 * states
+    return 4 * elements / 2**30
+
+
 def ours(backend: str) -> Method:
     def chunk(case, config):
         return default_chunk(backend, case) if config.chunk_size is None else min(config.chunk_size, case.t)
@@ -325,15 +338,9 @@ def ours(backend: str) -> Method:
             return reason
         if chunk(case, config) is None:
             return f"the suite does not know the default chunk of backend {backend!r} (to count FLOPs): --chunk-size"
-        if backend == "reference":
-            # The reference materialises phi(q) [b, t, hq, D], the per-chunk states and the c x c blocks in
-            # fp32; autograd keeps about three times that.
-            D = retention.sympow_dim(case.head_dim, case.deg)
-            c = chunk(case, config)
-            elements = case.b * case.heads * (case.t * D + math.ceil(case.t / c) * D * (case.head_dim + 1) + case.t * c)
-            gigabytes = 3 * 4 * elements / 2**30
-            if gigabytes > config.memory_budget_gb:
-                return f"needs ~{gigabytes:.0f} GB (budget {config.memory_budget_gb:.0f} GB)"
+        gigabytes = estimated_gb(backend, case, chunk(case, config))
+        if gigabytes > config.memory_budget_gb:
+            return f"needs ~{gigabytes:.0f} GB (budget {config.memory_budget_gb:.0f} GB)"
         return None
 
     return Method(f"retention[{backend}]", True, build, skip, chunk=chunk)
@@ -436,10 +443,13 @@ def methods_for(config: Config, only: list[str] | None, quick: bool) -> tuple[li
             notes.append(f"retention[{name}] skipped: {reason}")
         else:
             methods.append(ours(name))
-    if quick and len(methods) > 1 and not any("reference" in pattern for pattern in only or []):
-        # The reference is the differentiable oracle, not a fast path: it takes most of a quick run's time.
+    on_gpu = config.protocol == "gpu"
+    if (quick or on_gpu) and len(methods) > 1 and not any("reference" in pattern for pattern in only or []):
+        # The reference is the differentiable oracle, not a fast path: it takes most of a quick run's time, and
+        # on a GPU seconds per case (a minute for one backward at t=1024) where the kernels take milliseconds.
         methods = [m for m in methods if m.name != "retention[reference]"]
-        notes.append("retention[reference] not run with --quick (add --methods retention[reference] to run it)")
+        why = "the GPU protocol" if on_gpu else "--quick"
+        notes.append(f"retention[reference] not run in {why} (add --methods retention[reference] to run it)")
     if config.protocol == "gpu":
         for kernel in SDPA_BACKENDS:
             reason = sdpa_refuses(kernel, config)
@@ -497,15 +507,25 @@ def timed_call(method: Method, case: Case, config: Config, pass_: str) -> Callab
 
 
 def training_cases(config: Config) -> list[Case]:
-    """Every (deg, head dim, t) in the order measured: the degs and head dims as configured (the standard
-    problem first), contexts ascending, so a run stopped early has the standard problem at every length."""
-    return [Case(deg, d, t, config.tokens // t, config.heads)
-            for deg in config.degs for d in config.head_dims for t in sorted(config.contexts)]
+    """Every (deg, head dim, t) in the order measured: the first configured (deg, head dim), the standard
+    problem, at every length first, then the others by state size ``D x d`` (cheapest first), contexts ascending
+    in each, so a run stopped by its time budget has the standard problem and as many others as fitted."""
+    problems = [(deg, d) for deg in config.degs for d in config.head_dims]
+    first, rest = problems[0], problems[1:]
+    rest.sort(key=lambda problem: retention.sympow_dim(problem[1], problem[0]) * problem[1])
+    return [Case(deg, d, t, config.tokens // t, config.heads) for deg, d in [first, *rest]
+            for t in sorted(config.contexts)]
+
+
+def row_key(row: dict) -> tuple:
+    return row["pass"], row["method"], row["deg"], row["head_dim"], row["t"]
 
 
 def run_training(config: Config, methods: list[Method], matmul: float, progress: Progress, budget: Budget,
-                 save: Callable[[], None], rows: list[dict]) -> None:
-    """Measure every (case, pass, method) into ``rows`` (``save()`` after each one)."""
+                 save: Callable[[], None], rows: list[dict], earlier: dict[tuple, dict] | None = None) -> None:
+    """Measure every (case, pass, method) into ``rows`` (``save()`` after each one); a measured row of
+    ``earlier`` (by :func:`row_key`, from ``--extend``) is taken instead of measuring it again."""
+    earlier = earlier or {}
     cases = training_cases(config)
     task = progress.add_task("training suite", total=len(cases) * len(config.passes) * len(methods))
     softmax_times = {}  # softmax baselines do not depend on deg: time once per (method, pass, d, t)
@@ -514,6 +534,13 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
             for method in methods:
                 progress.update(task, description=escape(f"{pass_} {method.name} deg={case.deg} t={case.t}"))
                 key = (method.name, pass_, case.head_dim, case.t)
+                earlier_row = earlier.get((pass_, method.name, case.deg, case.head_dim, case.t))
+                if earlier_row is not None and earlier_row["ms"] is not None:
+                    ms, note = earlier_row["ms"], earlier_row["note"]
+                    matmul_then = earlier_row["tflops"] / earlier_row["fraction_of_matmul"]
+                    rows.append(training_row(method, case, config, pass_, ms, note, matmul_then))
+                    progress.advance(task)
+                    continue
                 if not method.depends_on_deg and key in softmax_times:
                     ms, note = softmax_times[key]
                 elif budget.spent("training"):
@@ -848,6 +875,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float,
                         help="seconds for the whole run (0: no limit; GPU --quick default 270): no new case starts "
                              "once a phase's share is spent, so decode, breakdown and plots still happen")
+    parser.add_argument("--extend", type=Path, metavar="JSON",
+                        help="an earlier run's JSON (same device): its measured rows are kept, not measured again, "
+                             "and so are its decode rows and breakdown when this run has none; to spread the full "
+                             "protocol over several shorter runs")
     parser.add_argument("--no-decode", action="store_true", help="skip the inference suite")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--no-plots", action="store_true")
@@ -915,6 +946,14 @@ def main(argv: list[str] | None = None) -> dict:
         "config": dataclasses.asdict(config), "matmul_tflops": matmul, "notes": notes,
         "training": [], "breakdown": {}, "decode": [],
     }
+    earlier = {}
+    if args.extend:
+        extended = json.loads(args.extend.read_text())
+        if extended["device"] != name:
+            raise SystemExit(f"--extend: {args.extend} was measured on {extended['device']}, this run is on {name}")
+        earlier = {row_key(row): row for row in extended["training"]}
+        report["extends"] = {"stem": extended["stem"], "date": extended["date"], "command": extended["command"]}
+        report["notes"] = list(dict.fromkeys(extended["notes"] + notes))
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -923,10 +962,18 @@ def main(argv: list[str] | None = None) -> dict:
     budget = Budget(config.time_budget_s)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        run_training(config, methods, matmul, progress, budget, save, report["training"])
+        run_training(config, methods, matmul, progress, budget, save, report["training"], earlier)
+        if args.extend:  # the earlier run's other cases
+            taken = {row_key(row) for row in report["training"]}
+            report["training"] += [row for key, row in earlier.items() if key not in taken]
+            add_speedups(report["training"])
         ours_backends = [m.name[len("retention["):-1] for m in methods if m.ours]
         if not args.no_decode:
             run_decode(config, ours_backends, progress, budget, save, report["decode"])
+    if args.extend and not report["decode"]:
+        report["decode"] = extended["decode"]
+    if args.extend and args.no_breakdown:
+        report["breakdown"] = extended["breakdown"]
     if not args.no_breakdown:
         if budget.spent("breakdown"):
             notes.append("breakdown " + budget.note("breakdown"))

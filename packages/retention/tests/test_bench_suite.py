@@ -302,3 +302,25 @@ def test_cpu_protocol(suite, tmp_path):
     saved = json.loads((tmp_path / f"{report['stem']}.json").read_text())
     assert saved["training"] == report["training"] and saved["complete"]
 
+
+
+def test_cases_standard_problem_first_then_cheapest(suite):
+    config = cpu_config(suite, degs=[2, 1, 4], head_dims=[64, 32, 128], contexts=[16, 32])
+    problems = list(dict.fromkeys((case.deg, case.head_dim) for case in suite.training_cases(config)))
+    assert problems[0] == (2, 64) and len(problems) == 9
+    sizes = [suite.retention.sympow_dim(d, deg) * d for deg, d in problems[1:]]
+    assert sizes == sorted(sizes) and problems[1] == (1, 32) and problems[-1] == (4, 128)
+
+
+def test_extend_keeps_an_earlier_runs_rows(suite, tmp_path):
+    """A second run with --extend measures only what the first did not, and its report holds both."""
+    common = ["--device", "cpu", "--quick", "--tokens", "64", "--contexts", "16,32", "--heads", "1",
+              "--methods", "sdpa", "--no-plots", "--no-breakdown", "--decode-contexts", "24"]
+    first = suite.main([*common, "--head-dims", "8", "--out", str(tmp_path / "a"), "--tag", "part1"])
+    second = suite.main([*common, "--head-dims", "8,16", "--no-decode", "--out", str(tmp_path / "b"),
+                         "--extend", str(tmp_path / "a" / f"{first['stem']}.json")])
+    kept = [row for row in second["training"] if row["head_dim"] == 8]
+    assert kept == first["training"]  # the same measurements, not new ones
+    assert {row["head_dim"] for row in second["training"]} == {8, 16}
+    assert all(row["ms"] is not None for row in second["training"])
+    assert second["decode"] == first["decode"] and second["extends"]["stem"] == first["stem"]
