@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks still owed by issues 3, 4 and 6, as device calls (each under the 600 s limit; each writes at most 8
-# files to $OUT: the device returns no more; the span stage keeps only its logs). One stage per call, repo root:
+# files to $OUT: the device returns no more; the span stages keep only their logs). Stages run in the order given,
+# from the repo root:
 #
 #     bash benchmarks/gpu_session.sh decode     # issue 4: GPU cache tests + gpu_decode.py on the current kernels
 #     bash benchmarks/gpu_session.sh checks     # issue 3: every gpu_triton.py check (incl. fp32 d=128, compile)
 #     bash benchmarks/gpu_session.sh suite1     # issue 6: the GPU protocol's standard problem, deg 1, decode
 #     bash benchmarks/gpu_session.sh suite2     # issue 6: the rest (d 32/128, deg 4), extending suite1's JSON
-#     bash benchmarks/gpu_session.sh span       # issue 3: RETENTION_TRITON_SPAN=scan vs dot (checks, then timing)
+#     bash benchmarks/gpu_session.sh large      # issue 3: deg 3/4 kernels at states past 2**31 elements
+#     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 set -uo pipefail
@@ -15,7 +17,9 @@ export PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src:pac
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 
-case "${1:-}" in
+[ $# -gt 0 ] || set -- help
+for stage in "$@"; do
+case "$stage" in
   decode)
     timeout 200 python3 -m pytest -q -p no:cacheprovider packages/retention-core/tests/test_cache.py -k gpu \
       packages/retention-kernels/tests/test_decode.py > "$OUT/gpu_cache_tests.log" 2>&1
@@ -41,19 +45,29 @@ case "${1:-}" in
       --no-breakdown --time-budget 540 --out "$OUT" > "$OUT/suite-log.txt" 2>&1
     echo "suite rc=$?"; tail -6 "$OUT/suite-log.txt"
     ;;
-  span)
-    # the gate-gradient spanning sums by a row scan: verify (strong-gate checks), then time deg 1/2 at 64k vs dot
+  large)
+    # issue 3: the minimal-layout kernels (deg 3/4) at states past 2**31 elements, one process per case
+    timeout 280 python3 benchmarks/gpu_large_state.py --out "$OUT" > "$OUT/gpu_large_state_log.txt" 2>&1
+    echo "large states rc=$?"; cut -c1-220 "$OUT/gpu_large_state_log.txt" | tail -40
+    ;;
+  span-checks)
+    # the gate-gradient spanning sums by a row scan: the strong-gate checks
     RETENTION_TRITON_SPAN=scan timeout 250 python3 benchmarks/gpu_triton.py --checks-only --quick \
       > "$OUT/span_scan_checks_log.txt" 2>&1
     echo "scan checks rc=$?"; grep -E "FAIL|Error|dlog_G strict" "$OUT/span_scan_checks_log.txt" | head -20
+    ;;
+  span-time)
+    # ... and its time against the ones-matrix product (deg 2 at 64k, fwd and fwd+bwd)
     for mode in dot scan; do
       RETENTION_TRITON_SPAN=$mode timeout 150 python3 benchmarks/suite.py --quick --methods 'retention[triton]' \
-        --contexts 65536 --no-decode --no-breakdown --tag "span-$mode" --out "/tmp/span-$mode" \
+        --degs 2 --contexts 65536 --no-decode --no-breakdown --tag "span-$mode" --out "/tmp/span-$mode" \
         > "$OUT/span_${mode}_log.txt" 2>&1
       echo "span=$mode rc=$?"; grep -E "retention\[triton\]" "$OUT/span_${mode}_log.txt" | tail -4
     done
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh decode|checks|suite1|suite2|span" >&2; exit 2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 large span-checks span-time)" >&2
+    exit 2
     ;;
 esac
+done

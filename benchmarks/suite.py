@@ -221,15 +221,28 @@ def short(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
 
 
+# Set by the first error that leaves the CUDA context unusable (an illegal address is sticky: every later call
+# fails): no case runs after it, each is recorded as skipped with this reason, and the report is still written.
+DEVICE_LOST: list[str] = []
+
+
+def is_device_lost(error: BaseException) -> bool:
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) or "illegal memory access" in str(error)
+
+
 def guarded(fn: Callable[[], object], config: Config) -> tuple[object, str]:
     """``(fn(), "")``, or ``(None, why not)``: out of memory, over the per-case time limit, or any error. Device
     memory is given back afterwards, so the next case starts clean."""
+    if DEVICE_LOST:
+        return None, f"skipped: the device was lost earlier ({DEVICE_LOST[0]})"
     try:
         with time_limit(config.case_timeout_s):
             return fn(), ""
     except Exception as error:
         if is_out_of_memory(error):
             return None, "skipped: out of memory"
+        if is_device_lost(error):
+            DEVICE_LOST.append(short(error))
         return None, f"failed: {short(error)}"
     finally:
         if config.device == "cuda":
@@ -558,9 +571,9 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
 
 def measure(method: Method, case: Case, config: Config, pass_: str) -> tuple[float | None, str]:
     """``(median ms, "")``, or ``(None, why not)``; a failing method is reported, never fatal to the suite."""
-    reason = method.skip(case, config)
-    if reason:
-        return None, f"skipped: {reason}"
+    reason, error = guarded(lambda: method.skip(case, config), config)  # the skip checks touch the device too
+    if error or reason:
+        return None, error or f"skipped: {reason}"
     # The inputs live in timed_call's closure: gone when guarded returns, before the cache is emptied.
     return guarded(lambda: median_ms(timed_call(method, case, config, pass_), config), config)
 

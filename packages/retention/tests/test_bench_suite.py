@@ -324,3 +324,19 @@ def test_extend_keeps_an_earlier_runs_rows(suite, tmp_path):
     assert {row["head_dim"] for row in second["training"]} == {8, 16}
     assert all(row["ms"] is not None for row in second["training"])
     assert second["decode"] == first["decode"] and second["extends"]["stem"] == first["stem"]
+
+
+def test_a_lost_device_stops_the_run_but_not_the_report(suite, monkeypatch):
+    """An illegal address leaves the CUDA context unusable: that case fails, every later one is skipped with the
+    reason instead of crashing the run (the report and plots are still written)."""
+    monkeypatch.setattr(suite, "DEVICE_LOST", [])
+    config = cpu_config(suite)
+    case = suite.Case(2, 8, 32, 2, 1)
+
+    def faults():
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    ms, note = suite.measure(failing_method(suite, faults), case, config, "fwd")
+    assert ms is None and note.startswith("failed: AcceleratorError")
+    ms, note = suite.measure(suite.sdpa(None), case, config, "fwd")
+    assert ms is None and note.startswith("skipped: the device was lost earlier (AcceleratorError")
