@@ -81,10 +81,21 @@ def _plan(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, deg: int, chunk_siz
     block = next_power_of_2(min(C, 64))
     return _Plan(
         C=C, n=n, T_pad=n * C, D=D, BQ=block, BK=block, BD=next_power_of_2(min(D, 64)),
-        DP=next_power_of_2(d), EP=next_power_of_2(e),
+        DP=_feature_tile(d, deg), EP=next_power_of_2(e),
         operand=_OPERAND[Q.dtype], precision=_PRECISION[Q.dtype],
         num_warps=4,
     )
+
+
+def _feature_tile(d: int, deg: int) -> int:
+    """Width of the ``[rows, DP]`` tiles of q and k in the minimal-layout kernels (zero-padded past ``d``).
+
+    deg 3 and 4 use 64 from d = 17: with 32-wide tiles Triton 3.6 on an H200 compiled the output kernel into one
+    that read out of bounds (inf outputs at b = 1, illegal addresses from b = 8; d = 16 and 64 passed:
+    benchmarks/results/gpu_large_state_before.json)."""
+    if deg >= 3 and d > 16:
+        return next_power_of_2(d, minimum=64)
+    return next_power_of_2(d)
 
 
 _TABLES: dict = {}
