@@ -20,16 +20,38 @@ import sys
 import time
 
 # (deg, d, t, b): small states first, then past 2**31 elements of [b, h, n + 1, D, e]
-CASES = [(4, 16, 1024, 64), (4, 32, 1024, 1), (3, 32, 1024, 8), (4, 32, 1024, 8), (4, 32, 1024, 64),
-         (3, 64, 1024, 32)]
+CASES = [(4, 16, 1024, 64), (1, 32, 1024, 1), (1, 64, 1024, 8), (4, 32, 1024, 1), (3, 32, 1024, 8),
+         (4, 32, 1024, 64), (3, 64, 1024, 32)]
 TINY = [(4, 8, 40, 2), (3, 8, 40, 2)]
 HEADS = 8
+# --variants: the d = 32 failures (wrong outputs at deg 4, inf at deg 3, illegal addresses) under other tile
+# shapes of the minimal-layout kernels (fields of function._Plan), to find which one Triton 3.6 miscompiles
+VARIANTS = {
+    "as-is": {}, "EP64": {"EP": 64}, "DP32": {"DP": 32}, "DP32-EP64": {"DP": 32, "EP": 64}, "BD32": {"BD": 32},
+    "B32": {"BQ": 32, "BK": 32}, "warps8": {"num_warps": 8}, "fp32-operands": {"operand": "float32"},
+}
+PROBES = [(4, 32, 1024, 1), (3, 32, 1024, 8)]
 
 
-def one_case(deg: int, d: int, t: int, b: int, dry_run: bool) -> dict:
+def use_variant(name: str) -> None:
+    """Make every minimal-layout plan use the tile shapes of ``VARIANTS[name]``."""
+    import dataclasses
+
+    import triton.language as tl
+
+    from retention_kernels.triton import function
+
+    changes = {k: getattr(tl, v) if k == "operand" else v for k, v in VARIANTS[name].items()}
+    plan = function._plan
+    function._plan = lambda *args: dataclasses.replace(plan(*args), **changes)
+
+
+def one_case(deg: int, d: int, t: int, b: int, dry_run: bool, variant: str = "as-is") -> dict:
     """Run the Triton backend on ``[b, t, 8, d]`` bf16 (fp32 in the dry run) with gates and an initial state;
     judge the last batch element's outputs and gradients against the float64 quadratic oracle."""
     import torch
+
+    use_variant(variant)
 
     sys.path.insert(0, os.path.dirname(__file__))
     from gpu_triton import FACTOR, FLOOR, NAMES, labels, run_backend, run_reference
@@ -71,19 +93,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true", help="tiny fp32 cases on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--variants", action="store_true",
+                        help="also run the d = 32 probes under every tile variant (VARIANTS), informational")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # deg,d,t,b: run one case in this process
+    parser.add_argument("--variant", default="as-is", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(one_case(*map(int, args.case.split(",")), dry_run=args.dry_run)))
+        case = map(int, args.case.split(","))
+        print(json.dumps(one_case(*case, dry_run=args.dry_run, variant=args.variant)))
         return 0
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
+    runs = [(case, "as-is") for case in (TINY if args.dry_run else CASES)]
+    if args.variants:
+        probes = TINY[:1] if args.dry_run else PROBES
+        runs += [(case, variant) for variant in list(VARIANTS)[1:] for case in probes]
     results, all_ok = [], True
-    for case in TINY if args.dry_run else CASES:
-        command = [sys.executable, __file__, "--case", ",".join(map(str, case))] + ["--dry-run"] * args.dry_run
+    for case, variant in runs:
+        command = [sys.executable, __file__, "--case", ",".join(map(str, case)), "--variant", variant]
+        command += ["--dry-run"] * args.dry_run
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        name = "deg {} d {} t {} b {}".format(*case)
+        name = "deg {} d {} t {} b {}".format(*case) + ("" if variant == "as-is" else f" [{variant}]")
         if run.returncode == 0:
             result = json.loads(run.stdout.strip().splitlines()[-1])
             detail = " ".join(f"{k}={v[0]:.1e}/{v[1]:.1e}" for k, v in result["errors"].items())
@@ -92,8 +123,10 @@ def main() -> int:
         else:
             tail = run.stderr.strip().splitlines()[-25:]
             result = {"case": case, "pass": False, "error": "\n".join(tail)}
-            print(f"[FAIL] {name}: crashed\n    " + "\n    ".join(tail), flush=True)
-        all_ok &= result["pass"]
+            print(f"[FAIL] {name}: crashed: {tail[-1] if tail else run.returncode}", flush=True)
+        result["variant"] = variant
+        if variant == "as-is":
+            all_ok &= result["pass"]
         results.append(result)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_large_state.json"), "w") as f:

@@ -47,7 +47,7 @@ case "$stage" in
     ;;
   large)
     # issue 3: the minimal-layout kernels (deg 3/4) at states past 2**31 elements, one process per case
-    timeout 280 python3 benchmarks/gpu_large_state.py --out "$OUT" > "$OUT/gpu_large_state_log.txt" 2>&1
+    timeout 430 python3 benchmarks/gpu_large_state.py --variants --out "$OUT" > "$OUT/gpu_large_state_log.txt" 2>&1
     echo "large states rc=$?"; cut -c1-220 "$OUT/gpu_large_state_log.txt" | tail -40
     ;;
   span-checks)

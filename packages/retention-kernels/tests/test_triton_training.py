@@ -131,15 +131,17 @@ def test_gate_gradient_with_unequal_blocks(blocks, interpreter, monkeypatch):
 
 @pytest.mark.parametrize("case", ["deg2-pairs", "deg2-minimal-layout", "deg1"])
 @pytest.mark.parametrize("blocks", [(32, 32), (16, 32), (32, 16)], ids=["BQ32-BK32", "BQ16-BK32", "BQ32-BK16"])
-def test_spanning_sums_by_scan(case, blocks, interpreter, monkeypatch):
-    """RETENTION_TRITON_SPAN=scan (the diagonal tiles' spanning sums by a row scan instead of a product) gives the
-    oracle's gate gradient under strong gates (uniform in [-20, 0]), through both kernel families and unequal tiles."""
+@pytest.mark.parametrize("by_scan", [True, False], ids=["scan", "dot"])
+def test_spanning_sums_both_ways(case, blocks, by_scan, interpreter, monkeypatch):
+    """The diagonal tiles' spanning sums by a row scan (default) and by a product with a ones matrix
+    (RETENTION_TRITON_SPAN=dot) give the oracle's gate gradient under strong gates (uniform in [-20, 0]), through
+    both kernel families and unequal tiles."""
     if interpreter == "cuda":
-        pytest.skip("the switch is read when the kernels are compiled; on a GPU set RETENTION_TRITON_SPAN=scan")
+        pytest.skip("the switch is read when the kernels are compiled; on a GPU set RETENTION_TRITON_SPAN")
     from retention_kernels.triton import _tiles
 
     deg, d, chunk_size, pairs = GATE_CASES[case]
-    monkeypatch.setattr(_tiles, "SPAN_BY_SCAN", tl.constexpr(True))
+    monkeypatch.setattr(_tiles, "SPAN_BY_SCAN", tl.constexpr(by_scan))
     monkeypatch.setattr(function, "PAIR_LAYOUT", pairs)
     BQ, BK = blocks
     monkeypatch.setitem(function._INTERPRETER_META, "BQ", BQ)

@@ -13,10 +13,11 @@ import os
 import triton
 import triton.language as tl
 
-# RETENTION_TRITON_SPAN=scan: the spanning sums of the diagonal tiles by a scan along each row (O(BQ BK)) instead of
-# an fp32 product with the strict-upper ones matrix (O(BQ BK^2) on the CUDA cores, the suspect of the key/value
-# kernel's slowdown). Equal under the interpreter; not yet compiled or timed on a GPU, hence off by default.
-SPAN_BY_SCAN = tl.constexpr(os.environ.get("RETENTION_TRITON_SPAN", "dot") == "scan")
+# The spanning sums of the diagonal tiles (the exact gate gradient): by a scan along each row, O(BQ BK) (default),
+# or with RETENTION_TRITON_SPAN=dot by an fp32 product with the strict-upper ones matrix, O(BQ BK^2) on the CUDA
+# cores. On an H200 (deg 2, d 64, t 65536, bf16) fwd+bwd took 11.01 ms by scan and 11.82 ms by dot, and the scan
+# passed the strong-gate checks (benchmarks/results/gpu_span_*).
+SPAN_BY_SCAN = tl.constexpr(os.environ.get("RETENTION_TRITON_SPAN", "scan") == "scan")
 
 
 @triton.jit
