@@ -280,3 +280,20 @@ def test_every_kernel_fits_hopper_shared_memory():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("fits ") == 12
+
+
+def test_deg3_tiles_that_avoid_the_hopper_miscompile(interpreter, monkeypatch):
+    """deg 3-4 at 16 < d <= 32 with bf16 operands run 64-wide feature tiles and 32-wide expansion tiles (the
+    shapes that passed on an H200 where Triton 3.6 miscompiled the default ones); the narrower expansion tile,
+    narrower than the feature tile, still gives the oracle's outputs and gradients."""
+    with monkeypatch.context() as patch:
+        patch.setitem(function._OPERAND, torch.bfloat16, tl.bfloat16)  # the GPU's operand choice
+        assert function._expansion_tile(52360, 32, 4, torch.bfloat16) == 32
+        assert function._expansion_tile(3876, 16, 4, torch.bfloat16) == 64  # d 16 and d 64 passed as they were
+        assert function._expansion_tile(45760, 64, 3, torch.bfloat16) == 64
+        assert function._expansion_tile(52360, 32, 4, torch.float16) == 64  # fp32 operands passed as they were
+    assert function._feature_tile(32, 4) == 64 and function._feature_tile(16, 4) == 16
+    monkeypatch.setattr(function, "_expansion_tile", lambda *args: 32)
+    inputs = random_inputs(b=1, t=12, hq=2, h=1, d=17, dtype=torch.float32, state=True, deg=3)
+    inputs["Q"], inputs["K"] = inputs["Q"].abs(), inputs["K"].abs()
+    check_against_oracle(inputs, 3, 8, interpreter)

@@ -80,22 +80,31 @@ def _plan(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, deg: int, chunk_siz
     D = sympow_dim(d, deg)
     block = next_power_of_2(min(C, 64))
     return _Plan(
-        C=C, n=n, T_pad=n * C, D=D, BQ=block, BK=block, BD=next_power_of_2(min(D, 64)),
+        C=C, n=n, T_pad=n * C, D=D, BQ=block, BK=block, BD=_expansion_tile(D, d, deg, Q.dtype),
         DP=_feature_tile(d, deg), EP=next_power_of_2(e),
         operand=_OPERAND[Q.dtype], precision=_PRECISION[Q.dtype],
         num_warps=4,
     )
 
 
-def _feature_tile(d: int, deg: int) -> int:
-    """Width of the ``[rows, DP]`` tiles of q and k in the minimal-layout kernels (zero-padded past ``d``).
+# Triton 3.6 on an H200 miscompiles the deg 3-4 minimal-layout kernels at 16 < d <= 32 with bf16 operands and
+# 64 x 64 expansion tiles: inf or wrong outputs, illegal addresses from b = 8 (d 16 and d 64 pass, even past 2**31
+# state elements). 64-wide feature tiles (zero-padded) with 32-wide expansion tiles pass, as do fp32 operands (the
+# fp16 and fp32 path): benchmarks/results/gpu_large_state_variants.json.
 
-    deg 3 and 4 use 64 from d = 17: with 32-wide tiles Triton 3.6 on an H200 compiled the output kernel into one
-    that read out of bounds (inf outputs at b = 1, illegal addresses from b = 8; d = 16 and 64 passed:
-    benchmarks/results/gpu_large_state_before.json)."""
+
+def _feature_tile(d: int, deg: int) -> int:
+    """Width of the ``[rows, DP]`` tiles of q and k in the minimal-layout kernels (zero-padded past ``d``)."""
     if deg >= 3 and d > 16:
         return next_power_of_2(d, minimum=64)
     return next_power_of_2(d)
+
+
+def _expansion_tile(D: int, d: int, deg: int, dtype: torch.dtype) -> int:
+    """Width ``BD`` of the ``[rows, BD]`` tiles of phi built in registers (and of the state tiles)."""
+    if deg >= 3 and 16 < d <= 32 and _OPERAND[dtype] == tl.bfloat16:
+        return 32
+    return next_power_of_2(min(D, 64))
 
 
 _TABLES: dict = {}
