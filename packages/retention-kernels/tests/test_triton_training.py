@@ -69,6 +69,7 @@ CASES = {
     "deg2-auto-chunk-strong-gates": (dict(b=1, t=40, hq=2, h=1, d=32, gate_strength=20.0), 2, None),
     "deg2-d24-padded-blocks-state": (dict(b=1, t=21, hq=1, h=1, d=24, state=True), 2, 8),
     "deg1-no-gates-chunk8": (dict(b=1, t=29, hq=2, h=1, d=16, gating=False, state=True, deg=1), 1, 8),
+    "deg1-quadratic-chunk=t": (dict(b=1, t=20, hq=2, h=1, d=16, deg=1), 1, 20),
     "deg3-state-chunk7": (dict(b=1, t=23, hq=2, h=1, d=8, state=True, deg=3), 3, 7),
     "deg4-chunk16": (dict(b=1, t=20, hq=1, h=1, d=8, state=True, deg=4), 4, 16),
     "deg3-d17-padded-feature-tile": (dict(b=1, t=12, hq=1, h=1, d=17, state=True, deg=3), 3, 8),
@@ -297,3 +298,31 @@ def test_deg3_tiles_that_avoid_the_hopper_miscompile(interpreter, monkeypatch):
     inputs = random_inputs(b=1, t=12, hq=2, h=1, d=17, dtype=torch.float32, state=True, deg=3)
     inputs["Q"], inputs["K"] = inputs["Q"].abs(), inputs["K"].abs()
     check_against_oracle(inputs, 3, 8, interpreter)
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["deg2-pairs", "deg2-minimal-layout"])
+def test_single_chunk_without_state_skips_the_state_passes(pairs, interpreter, monkeypatch):
+    """One chunk (chunk_size = t), no initial state, no final state asked for: Y and every gradient match the
+    oracle with the state passes not launched (their outputs start as NaN, so a read of one would show); asking
+    for the final state launches them again."""
+    monkeypatch.setattr(function, "PAIR_LAYOUT", pairs)
+    passes = []
+    for name in ("_state_pass", "_pair_state_pass"):
+        original = getattr(function, name)
+        monkeypatch.setattr(function, name, lambda *a, original=original, **k: passes.append(1) or original(*a, **k))
+    inputs = {n: x.to(interpreter).requires_grad_(True)
+              for n, x in random_inputs(b=2, t=24, hq=2, h=1, d=16, dtype=torch.float32).items()}
+    Y = power_retention(**inputs, deg=2, chunk_size=24, backend="triton")
+    dY = torch.randn_like(Y)
+    grads = torch.autograd.grad(Y, list(inputs.values()), dY)
+    assert passes == []
+    upcast = {n: x.detach().double().requires_grad_(True) for n, x in inputs.items()}
+    Y_ref = power_retention_quadratic(**upcast, deg=2)
+    ref = torch.autograd.grad(Y_ref, list(upcast.values()), dY.double())
+    plain_inputs = {n: x.detach().requires_grad_(True) for n, x in inputs.items()}
+    Y_plain = power_retention_quadratic(**plain_inputs, deg=2, dtype=torch.float32)
+    plain = torch.autograd.grad(Y_plain, list(plain_inputs.values()), dY)
+    for label, g, r, p in zip(["Y", *inputs], [Y, *grads], [Y_ref, *ref], [Y_plain, *plain]):
+        assert_close_to_oracle(label, g.cpu(), r.cpu(), plain_error(r.cpu(), p.cpu()), factor=3.0, floor=1e-5)
+    Y, state, keys = power_retention(**inputs, deg=2, chunk_size=24, return_final_state=True, backend="triton")
+    assert passes and torch.isfinite(state).all() and torch.isfinite(keys).all()

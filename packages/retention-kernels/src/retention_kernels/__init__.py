@@ -32,6 +32,7 @@ def _triton_forward(problem):
     return power_retention_triton(
         problem.Q, problem.K, problem.V, problem.log_G, problem.state, problem.sum_of_keys,
         deg=problem.deg, scale=problem.scale, chunk_size=problem.chunk_size,
+        need_final_state=problem.return_final_state,
     )
 
 

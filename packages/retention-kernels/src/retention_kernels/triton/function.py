@@ -158,6 +158,12 @@ def _new(*shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def _single_chunk_without_state(plan: _Plan, has_state: bool, need_final_state: bool = False) -> bool:
+    """One chunk, no initial state and no final state wanted (or, backward, no initial state's gradient): the
+    state passes would compute only what nobody reads, since the first chunk's queries see no state."""
+    return plan.n == 1 and not has_state and not need_final_state
+
+
 def _state_pass(X, V, G, log_G, buffer, key_buffer, plan, index, weight, h, deg, scale, backward):
     """Fill ``buffer [b, h, n + 1, D, e]`` (and ``key_buffer``) with every chunk's contribution, then scan."""
     b, t, hx = X.shape[:3]
@@ -221,7 +227,8 @@ def _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan: _Plan) -
     return total.reshape(b, h, plan.T_pad)[..., :t].transpose(1, 2).float().contiguous()
 
 
-def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_size: int):
+def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_size: int,
+             need_final_state: bool = True):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, deg, chunk_size)
@@ -237,7 +244,8 @@ def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_s
     key_states = _new(b, h, plan.n + 1, D, device=device)
     states[:, :, 0] = state if has_state else 0.0
     key_states[:, :, 0] = sum_of_keys if has_state else 0.0
-    _state_pass(K, V, G, log_G, states, key_states, plan, index, weight, h, deg, scale, backward=False)
+    if not _single_chunk_without_state(plan, has_state, need_final_state):  # else the final state is not written
+        _state_pass(K, V, G, log_G, states, key_states, plan, index, weight, h, deg, scale, backward=False)
 
     Y = _new(b, t, hq, e, device=device, dtype=Q.dtype)
     den = _new(b, t, hq, device=device)
@@ -272,7 +280,8 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     d_key_states = _new(b, h, plan.n + 1, D, device=device)
     d_states[:, :, plan.n] = 0.0 if d_final_state is None else d_final_state
     d_key_states[:, :, plan.n] = 0.0 if d_final_keys is None else d_final_keys
-    _state_pass(Q, dN, G, log_G, d_states, d_key_states, plan, index, weight, h, deg, scale, backward=True)
+    if not _single_chunk_without_state(plan, has_state):  # else the initial state's gradient is not written
+        _state_pass(Q, dN, G, log_G, d_states, d_key_states, plan, index, weight, h, deg, scale, backward=True)
 
     G_arg = G if has_gate else den
     dQ = _new(b, t, hq, d, device=device, dtype=Q.dtype)
@@ -518,7 +527,7 @@ def _pair_state_pass_sequential(X, V, delta, G, log_G, layout, plan, init, init_
     _launch(_TUNED_STATE, pair_state_kernel, grid, args, constants, ("BT", "BU", "PHI_T"))
 
 
-def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int):
+def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int, need_final_state: bool = True):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, 2, chunk_size)
@@ -532,8 +541,12 @@ def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int):
     final_M = _new(b, h, layout.DP, layout.DP, device=device)
     init = None if state is None else state.float().contiguous()
     init_M = None if M0 is None else M0.float().contiguous()
-    _pair_state_pass(K, V, None, G, log_G, layout, plan, init, init_M, states, Ms, final, final_M, h, scale,
-                     backward=False)
+    if _single_chunk_without_state(plan, state is not None, need_final_state):
+        states.zero_()  # the state entering the only chunk; the final state is not written
+        Ms.zero_()
+    else:
+        _pair_state_pass(K, V, None, G, log_G, layout, plan, init, init_M, states, Ms, final, final_M, h, scale,
+                         backward=False)
 
     Y = _new(b, t, hq, e, device=device, dtype=Q.dtype)
     den = _new(b, t, hq, device=device)
@@ -564,8 +577,14 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     d_Ms = _new(*Ms.shape, device=device)
     d_init = _new(b, h, layout.DI, e, device=device)
     d_init_M = _new(b, h, layout.DP, layout.DP, device=device)
-    _pair_state_pass(Q, dn, delta, G, log_G, layout, plan, d_final if has_final_grad else None, d_final_M,
-                     d_states, d_Ms, d_init, d_init_M, h, scale, backward=True)
+    if _single_chunk_without_state(plan, has_state):
+        # the gradient of the state leaving the only chunk is the final state's cotangent; the initial state's
+        # gradient is not written
+        d_states.copy_(d_final.reshape(d_states.shape) if has_final_grad else torch.zeros_like(d_states))
+        d_Ms.copy_(d_final_M.reshape(d_Ms.shape) if has_final_grad else torch.zeros_like(d_Ms))
+    else:
+        _pair_state_pass(Q, dn, delta, G, log_G, layout, plan, d_final if has_final_grad else None, d_final_M,
+                         d_states, d_Ms, d_init, d_init_M, h, scale, backward=True)
 
     G_arg = G if has_gate else den
     common = (*Q.stride(), *K.stride(), *V.stride(), t, hq, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP, scale)
@@ -608,12 +627,13 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
 def _forward_op(
     Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor | None,
     state: torch.Tensor | None, sum_of_keys: torch.Tensor | None, deg: int, scale: float, chunk_size: int,
+    need_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size)
+    return _forward(Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size, need_final_state)
 
 
 @_forward_op.register_fake
-def _(Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size):
+def _(Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size, need_final_state):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, deg, chunk_size)
@@ -693,11 +713,11 @@ def _input_grads(ctx, backward_op, dY, d_final_state, d_final_keys, non_tensor_i
 
 
 def _setup_context(ctx, inputs, output):
-    _save_for_backward(ctx, inputs, output, inputs[6:])  # deg, scale, chunk_size
+    _save_for_backward(ctx, inputs, output, inputs[6:9])  # deg, scale, chunk_size
 
 
 def _backward_autograd(ctx, dY, d_den, d_final_state, d_final_keys, d_states, d_key_states, d_G):
-    return _input_grads(ctx, _backward_op, dY, d_final_state, d_final_keys, 3)
+    return _input_grads(ctx, _backward_op, dY, d_final_state, d_final_keys, 4)
 
 
 torch.library.register_autograd(
@@ -728,19 +748,21 @@ def _to_minimal(layout, internal, M):
 def _pair_forward_op(
     Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor | None,
     state: torch.Tensor | None, sum_of_keys: torch.Tensor | None, scale: float, chunk_size: int,
+    need_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _pair_layout(Q.shape[3], Q.device)
     init = init_M = None
     if state is not None:
         keys = sum_of_keys if sum_of_keys is not None else state.new_zeros(state.shape[:3], dtype=torch.float32)
         init, init_M = _to_internal(layout, state, keys)
-    Y, den, final, final_M, states, Ms, G = _pair_forward(Q, K, V, log_G, init, init_M, scale, chunk_size)
+    Y, den, final, final_M, states, Ms, G = _pair_forward(Q, K, V, log_G, init, init_M, scale, chunk_size,
+                                                          need_final_state)
     final_state, final_keys = _to_minimal(layout, final, final_M)
     return Y, den, final_state, final_keys, states, Ms, G
 
 
 @_pair_forward_op.register_fake
-def _(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size):
+def _(Q, K, V, log_G, state, sum_of_keys, scale, chunk_size, need_final_state):
     b, t, hq, d = Q.shape
     h, e = K.shape[2], V.shape[3]
     plan = _plan(Q, K, V, 2, chunk_size)
@@ -793,11 +815,11 @@ def _(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states, Ms, fi
 
 
 def _pair_setup_context(ctx, inputs, output):
-    _save_for_backward(ctx, inputs, output, inputs[6:])  # scale, chunk_size (the key states: the Ms)
+    _save_for_backward(ctx, inputs, output, inputs[6:8])  # scale, chunk_size (the key states: the Ms)
 
 
 def _pair_backward_autograd(ctx, dY, d_den, d_final_state, d_final_keys, d_states, d_Ms, d_G):
-    return _input_grads(ctx, _pair_backward_op, dY, d_final_state, d_final_keys, 2)
+    return _input_grads(ctx, _pair_backward_op, dY, d_final_state, d_final_keys, 3)
 
 
 torch.library.register_autograd(
@@ -806,11 +828,12 @@ torch.library.register_autograd(
 
 
 def power_retention_triton(Q, K, V, log_G=None, state=None, sum_of_keys=None, deg=2, scale=None,
-                           chunk_size=None):
+                           chunk_size=None, need_final_state=True):
     """``(Y [b, t, hq, e], state [b, h, D, e] fp32, sum_of_keys [b, h, D] fp32)``, differentiable.
 
     Same contract as :func:`retention.power_retention` with ``return_final_state=True`` (arguments already
-    validated); ``chunk_size=None`` picks :func:`default_chunk_size`.
+    validated); ``chunk_size=None`` picks :func:`default_chunk_size`. ``need_final_state=False``: the returned
+    state and key sums are undefined (a call of one chunk and no initial state then skips the state passes).
     """
     b, t, hq, d = Q.shape
     scale = d**-0.5 if scale is None else float(scale)
@@ -821,10 +844,10 @@ def power_retention_triton(Q, K, V, log_G=None, state=None, sum_of_keys=None, de
         raise ValueError(f"scale must be finite, got {scale!r}")
     if deg == 2 and PAIR_LAYOUT:
         Y, _den, final_state, final_keys, _states, _Ms, _G = _pair_forward_op(
-            Q, K, V, log_G, state, sum_of_keys, scale, chunk_size
+            Q, K, V, log_G, state, sum_of_keys, scale, chunk_size, need_final_state
         )
         return Y, final_state, final_keys
     Y, _den, final_state, final_keys, _states, _key_states, _G = _forward_op(
-        Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size
+        Q, K, V, log_G, state, sum_of_keys, deg, scale, chunk_size, need_final_state
     )
     return Y, final_state, final_keys
