@@ -550,6 +550,8 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
                 earlier_row = earlier.get((pass_, method.name, case.deg, case.head_dim, case.t))
                 if earlier_row is not None and earlier_row["ms"] is not None:
                     ms, note = earlier_row["ms"], earlier_row["note"]
+                    if not method.depends_on_deg:
+                        softmax_times[key] = (ms, note)
                     matmul_then = earlier_row["tflops"] / earlier_row["fraction_of_matmul"]
                     rows.append(training_row(method, case, config, pass_, ms, note, matmul_then))
                     progress.advance(task)

@@ -340,3 +340,14 @@ def test_a_lost_device_stops_the_run_but_not_the_report(suite, monkeypatch):
     assert ms is None and note.startswith("failed: AcceleratorError")
     ms, note = suite.measure(suite.sdpa(None), case, config, "fwd")
     assert ms is None and note.startswith("skipped: the device was lost earlier (AcceleratorError")
+
+
+def test_extend_reuses_softmax_times_for_new_degs(suite, tmp_path):
+    """SDPA does not depend on deg: a later run's new deg takes the earlier run's SDPA times, not new ones."""
+    common = ["--device", "cpu", "--quick", "--tokens", "64", "--contexts", "16", "--heads", "1", "--head-dims", "8",
+              "--methods", "sdpa", "--no-plots", "--no-breakdown", "--no-decode"]
+    first = suite.main([*common, "--degs", "2", "--out", str(tmp_path / "a"), "--tag", "part1"])
+    second = suite.main([*common, "--degs", "2,4", "--out", str(tmp_path / "b"),
+                         "--extend", str(tmp_path / "a" / f"{first['stem']}.json")])
+    by_deg = {deg: sorted(row["ms"] for row in second["training"] if row["deg"] == deg) for deg in (2, 4)}
+    assert by_deg[4] == by_deg[2] == sorted(row["ms"] for row in first["training"])
