@@ -8,6 +8,7 @@
 #     bash benchmarks/gpu_session.sh suite1     # issue 6: the GPU protocol's standard problem, deg 1, decode
 #     bash benchmarks/gpu_session.sh suite2     # issue 6: the rest (d 32/128, deg 4), extending suite1's JSON
 #     bash benchmarks/gpu_session.sh large      # issue 3: deg 3/4 kernels at states past 2**31 elements
+#     bash benchmarks/gpu_session.sh short      # issue 3: time the single-chunk calls (t = 1024)
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
@@ -45,6 +46,14 @@ case "$stage" in
       --no-breakdown --time-budget 540 --out "$OUT" > "$OUT/suite-log.txt" 2>&1
     echo "suite rc=$?"; tail -6 "$OUT/suite-log.txt"
     ;;
+  short)
+    # issue 3: the single-chunk calls (t = 1024 = the default chunk) that now skip the state passes, deg 2 at
+    # d 64 and 128 (before: 3.0 / 16.0 ms fwd, 12.8 / 57.4 ms fwd+bwd in nvidia-h200-2026-11-22.json)
+    timeout 300 python3 benchmarks/suite.py --quick --methods 'retention[triton],sdpa[cudnn]' --degs 2 \
+      --head-dims 64,128 --contexts 1024 --passes fwd,bwd,fwd+bwd --no-decode --no-breakdown --no-plots \
+      --tag short --out "$OUT" > "$OUT/suite_short_log.txt" 2>&1
+    echo "short rc=$?"; grep -E "retention\[triton\]" "$OUT/suite_short_log.txt" | tail -6
+    ;;
   large)
     # issue 3: the minimal-layout kernels (deg 3/4) at states past 2**31 elements, one process per case
     timeout 430 python3 benchmarks/gpu_large_state.py --variants --out "$OUT" > "$OUT/gpu_large_state_log.txt" 2>&1
@@ -66,7 +75,7 @@ case "$stage" in
     done
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 large span-checks span-time)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time)" >&2
     exit 2
     ;;
 esac
