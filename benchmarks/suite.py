@@ -630,6 +630,16 @@ def breakdown(config: Config, methods: list[Method], top: int = 8) -> dict[str, 
     return result
 
 
+def kernel_times(events) -> dict[str, float]:
+    """Milliseconds per device kernel (and memcpy / memset) from ``key_averages()``: only the device-side events.
+    An op's self device time counts the kernels it launches outside any child op (Triton kernels launched from
+    a custom op, for one), which are also events of their own: summing both counted them twice."""
+    from torch.autograd import DeviceType
+
+    return {e.key: e.self_device_time_total / 1e3 for e in events
+            if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0}
+
+
 def profile_once(method: Method, case: Case, config: Config, pass_: str, top: int) -> dict:
     """One profiled call after a warm-up call (compilation, autotuning): the ``top`` ops or kernels by self time
     (device time on GPU, CPU time on CPU), the rest summed."""
@@ -645,9 +655,10 @@ def profile_once(method: Method, case: Case, config: Config, pass_: str, top: in
         synchronize(config.device)
     wall_ms = 1e3 * (time.perf_counter() - start)
     events = prof.key_averages()
-    device_times = {e.key: e.self_device_time_total / 1e3 for e in events if e.self_device_time_total > 0}
-    cpu_times = {e.key: e.self_cpu_time_total / 1e3 for e in events if e.self_cpu_time_total > 0}
-    times = device_times if config.device == "cuda" else cpu_times
+    if config.device == "cuda":
+        times = kernel_times(events)
+    else:
+        times = {e.key: e.self_cpu_time_total / 1e3 for e in events if e.self_cpu_time_total > 0}
     ranked = sorted(times.items(), key=lambda item: -item[1])
     kernels = dict(ranked[:top])
     kernels["other ops"] = sum(ms for _, ms in ranked[top:])

@@ -351,3 +351,24 @@ def test_extend_reuses_softmax_times_for_new_degs(suite, tmp_path):
                          "--extend", str(tmp_path / "a" / f"{first['stem']}.json")])
     by_deg = {deg: sorted(row["ms"] for row in second["training"] if row["deg"] == deg) for deg in (2, 4)}
     assert by_deg[4] == by_deg[2] == sorted(row["ms"] for row in first["training"])
+
+
+def test_breakdown_counts_device_kernels_once(suite):
+    """A custom op's self device time is the Triton kernels it launches, which are events of their own: the
+    breakdown takes the device-side events only, so the kernels sum to the call's time instead of twice it."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device_type, ms):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=1e3 * ms)
+
+    events = [event("retention_kernels::pair_retention_bwd", DeviceType.CPU, 7.0),  # the op around the kernels
+              event("pair_key_value_grad_kernel", DeviceType.CUDA, 5.0),
+              event("pair_query_grad_kernel", DeviceType.CUDA, 2.0),
+              event("aten::copy_", DeviceType.CPU, 0.5),
+              event("void at::native::unrolled_elementwise_kernel<...>", DeviceType.CUDA, 0.5),
+              event("cudaLaunchKernel", DeviceType.CPU, 0.0)]
+    times = suite.kernel_times(events)
+    assert times == {"pair_key_value_grad_kernel": 5.0, "pair_query_grad_kernel": 2.0,
+                     "void at::native::unrolled_elementwise_kernel<...>": 0.5}
