@@ -326,3 +326,22 @@ def test_single_chunk_without_state_skips_the_state_passes(pairs, interpreter, m
         assert_close_to_oracle(label, g.cpu(), r.cpu(), plain_error(r.cpu(), p.cpu()), factor=3.0, floor=1e-5)
     Y, state, keys = power_retention(**inputs, deg=2, chunk_size=24, return_final_state=True, backend="triton")
     assert passes and torch.isfinite(state).all() and torch.isfinite(keys).all()
+
+
+def test_no_fitting_config_says_what_to_do(monkeypatch):
+    """A GPU whose shared memory fits none of a kernel's configs (fp32 inputs at d = 128 on an A100) gets an
+    error that names the kernel and the way out, not Triton's bare OutOfResources."""
+    import triton
+
+    class TooLarge:
+        __name__ = "pair_key_value_grad_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.runtime.errors.OutOfResources(180224, 166912, "shared memory")
+            return launch
+
+    configs = [function._config(4, 1, BQ=16, BK=32), function._config(4, 2, BQ=64, BK=32)]
+    with pytest.raises(RuntimeError, match=r"pair_key_value_grad_kernel has no config .*\(2 tried.*bf16") as error:
+        function._launch_first_fitting(TooLarge(), lambda meta: (1,), (), {}, configs)
+    assert isinstance(error.value.__cause__, triton.runtime.errors.OutOfResources)

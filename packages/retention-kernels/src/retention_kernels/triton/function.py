@@ -477,7 +477,7 @@ def _launch(tuned, kernel, grid, args, constants, meta_names):
 
 def _launch_first_fitting(kernel, grid, args, constants, configs):
     """Launch ``kernel`` with the first of ``configs`` that fits this GPU's shared memory."""
-    too_large = RuntimeError("no config to launch")
+    too_large = None
     for config in configs:
         try:
             kernel[grid(config.kwargs)](*args, **constants, **config.kwargs, num_warps=config.num_warps,
@@ -485,7 +485,12 @@ def _launch_first_fitting(kernel, grid, args, constants, configs):
             return
         except triton.runtime.errors.OutOfResources as error:
             too_large = error
-    raise too_large
+    # e.g. fp32 inputs at d = 128 on an A100 (benchmarks/results/a100_shared_memory_fit.txt)
+    raise RuntimeError(
+        f"the Triton kernel {getattr(kernel, '__name__', kernel)} has no config that fits this GPU's shared memory "
+        f"({len(configs)} tried; last: {too_large}). The fp32 state tiles of fp16/fp32 inputs at head dims above 64 "
+        "are the usual cause: pass bf16 inputs, or backend='reference'"
+    ) from too_large
 
 
 def _pair_constants(Q, plan, layout):
