@@ -54,11 +54,11 @@ def one_case(deg: int, d: int, t: int, b: int, dry_run: bool, variant: str = "as
     use_variant(variant)
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from gpu_triton import FACTOR, FLOOR, NAMES, labels, run_backend, run_reference
+    from gpu_triton import NAMES, baseline_error, judged, labels, run_backend, run_reference
 
     from retention.reference import power_retention_quadratic
     from retention.sympow import sympow_dim
-    from retention.testing import random_inputs, relative_error
+    from retention.testing import random_inputs
 
     device, dtype = ("cpu", torch.float32) if dry_run else ("cuda", torch.bfloat16)
     torch.manual_seed(0)
@@ -79,9 +79,7 @@ def one_case(deg: int, d: int, t: int, b: int, dry_run: bool, variant: str = "as
     plain = run_reference(power_retention_quadratic, last, deg, last_cotangents, dtype, dtype=dtype)
     errors, ok = {}, True
     for label, g, r, p in zip(labels(inputs), got, ref, plain):
-        base = relative_error(p, r) if torch.isfinite(p).all() else float("inf")
-        error = relative_error(g, r) if torch.isfinite(g).all() else float("inf")
-        bound = FACTOR * min(base, 1.0) + FLOOR
+        error, bound = judged(g, r, baseline_error(p, r))
         errors[label] = [error, bound]
         ok &= error <= bound
     elements = b * HEADS * (-(-t // 256) + 1) * D * d

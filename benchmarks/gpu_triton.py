@@ -84,6 +84,18 @@ def labels(inputs):
     return ["Y", "state", "sum_of_keys", *["d" + n for n in NAMES if n in inputs]]
 
 
+def baseline_error(plain, ref) -> float:
+    """The plain formula's error in the inputs' dtype (inf where it overflows): what the tolerance rule scales."""
+    return relative_error(plain, ref) if torch.isfinite(plain).all() else float("inf")
+
+
+def judged(got, ref, baseline) -> tuple[float, float]:
+    """``(error, bound)`` of one output under the SPEC.md tolerance rule, ``FACTOR * min(baseline, 1) + FLOOR``
+    (a non-finite output has an infinite error)."""
+    error = relative_error(got, ref) if torch.isfinite(got).all() else float("inf")
+    return error, FACTOR * min(baseline, 1.0) + FLOOR
+
+
 def check(name, inputs, deg, chunk_size=None, oracle="quadratic", baseline_errors=None, results=None,
           strict_gates=False, unjudged=()):
     """Backend vs float64 oracle; baseline = the plain quadratic formula in the inputs' dtype (or given).
@@ -115,16 +127,13 @@ def check(name, inputs, deg, chunk_size=None, oracle="quadratic", baseline_error
         strict = (relative_error(got[gate], ref[gate]), strict_bound, floor)
     if baseline_errors is None:
         plain = run_reference(power_retention_quadratic, inputs, deg, cot, dtype, dtype=dtype)
-        baseline_errors = [relative_error(p, r) if torch.isfinite(p).all() else float("inf")
-                           for p, r in zip(plain, ref)]
+        baseline_errors = [baseline_error(p, r) for p, r in zip(plain, ref)]
         del plain
     ok = True
     rows = []
     for label, g, r, base in zip(labels(inputs), got, ref, baseline_errors):
-        finite = bool(torch.isfinite(g).all())
-        err = relative_error(g, r) if finite else float("inf")
-        bound = FACTOR * min(base, 1.0) + FLOOR
-        passed = (finite and err <= bound) or label in unjudged
+        err, bound = judged(g, r, base)
+        passed = err <= bound or label in unjudged
         ok &= passed
         rows.append((label, err, base, passed))
     status = "PASS" if ok else "FAIL"

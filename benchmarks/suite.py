@@ -548,15 +548,13 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
                 progress.update(task, description=escape(f"{pass_} {method.name} deg={case.deg} t={case.t}"))
                 key = (method.name, pass_, case.head_dim, case.t)
                 earlier_row = earlier.get((pass_, method.name, case.deg, case.head_dim, case.t))
+                rate = matmul
                 if earlier_row is not None and earlier_row["ms"] is not None:
                     ms, note = earlier_row["ms"], earlier_row["note"]
+                    rate = earlier_row["tflops"] / earlier_row["fraction_of_matmul"]  # that run's matrix rate
                     if not method.depends_on_deg:
                         softmax_times[key] = (ms, note)
-                    matmul_then = earlier_row["tflops"] / earlier_row["fraction_of_matmul"]
-                    rows.append(training_row(method, case, config, pass_, ms, note, matmul_then))
-                    progress.advance(task)
-                    continue
-                if not method.depends_on_deg and key in softmax_times:
+                elif not method.depends_on_deg and key in softmax_times:
                     ms, note = softmax_times[key]
                 elif budget.spent("training"):
                     ms, note = None, budget.note("training")
@@ -564,7 +562,7 @@ def run_training(config: Config, methods: list[Method], matmul: float, progress:
                     ms, note = measure(method, case, config, pass_)
                     if not method.depends_on_deg:
                         softmax_times[key] = (ms, note)
-                rows.append(training_row(method, case, config, pass_, ms, note, matmul))
+                rows.append(training_row(method, case, config, pass_, ms, note, rate))
                 add_speedups(rows)
                 save()
                 progress.advance(task)
@@ -979,7 +977,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--extend: {args.extend} was measured on {extended['device']}, this run is on {name}")
         earlier = {row_key(row): row for row in extended["training"]}
         report["extends"] = {"stem": extended["stem"], "date": extended["date"], "command": extended["command"]}
-        report["notes"] = list(dict.fromkeys(extended["notes"] + notes))
+        notes[:0] = [note for note in extended["notes"] if note not in notes]  # notes is report["notes"]
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:

@@ -324,6 +324,7 @@ def test_extend_keeps_an_earlier_runs_rows(suite, tmp_path):
     assert {row["head_dim"] for row in second["training"]} == {8, 16}
     assert all(row["ms"] is not None for row in second["training"])
     assert second["decode"] == first["decode"] and second["extends"]["stem"] == first["stem"]
+    assert set(first["notes"]) <= set(second["notes"])
 
 
 def test_a_lost_device_stops_the_run_but_not_the_report(suite, monkeypatch):

@@ -585,8 +585,12 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     if _single_chunk_without_state(plan, has_state):
         # the gradient of the state leaving the only chunk is the final state's cotangent; the initial state's
         # gradient is not written
-        d_states.copy_(d_final.reshape(d_states.shape) if has_final_grad else torch.zeros_like(d_states))
-        d_Ms.copy_(d_final_M.reshape(d_Ms.shape) if has_final_grad else torch.zeros_like(d_Ms))
+        if has_final_grad:
+            d_states.copy_(d_final.reshape(d_states.shape))
+            d_Ms.copy_(d_final_M.reshape(d_Ms.shape))
+        else:
+            d_states.zero_()
+            d_Ms.zero_()
     else:
         _pair_state_pass(Q, dn, delta, G, log_G, layout, plan, d_final if has_final_grad else None, d_final_M,
                          d_states, d_Ms, d_init, d_init_M, h, scale, backward=True)
