@@ -1,0 +1,186 @@
+"""Where the deg-2 Triton time goes: every kernel of one power_retention fwd+bwd, split and re-tuned.
+
+    PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src python3 benchmarks/gpu_kernel_profile.py \
+        [--t 65536] [--b 1] [--heads 8] [--d 64] [--out DIR] [--dry-run]
+
+Records the launches of one fwd+bwd (bf16, gating on, the default chunk), then replays each one alone (do_bench
+medians) as tuned, with the intra-chunk part only (``NP = 0``: the state loop runs no pair), without the gates'
+work (``HAS_GATE=False``) and under a sweep of explicit configs (block rows, warps, pipeline stages). Prints a
+table, writes ``DIR/gpu_kernel_profile.json``. Replays reuse the recorded buffers: values are not checked here
+(in-place scans drift), only the times.
+
+--dry-run: tiny fp32 shapes on the CPU under TRITON_INTERPRET=1, to catch mistakes before a device run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--t", type=int, default=65536)
+    parser.add_argument("--b", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--dry-run", action="store_true")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from retention import power_retention  # noqa: E402
+from retention_kernels.triton import function  # noqa: E402
+
+# the configs swept per kernel (meta parameters of its launch, warps, stages)
+ROW_SWEEP = [
+    (dict(BQ=64, BK=64), 4, 2), (dict(BQ=64, BK=64), 4, 3), (dict(BQ=64, BK=64), 8, 2), (dict(BQ=64, BK=64), 8, 3),
+    (dict(BQ=128, BK=64), 8, 2), (dict(BQ=64, BK=128), 8, 2), (dict(BQ=128, BK=128), 8, 2),
+    (dict(BQ=64, BK=32), 4, 2), (dict(BQ=32, BK=64), 4, 2),
+]
+STATE_SWEEP = [
+    (dict(BT=64, BU=8, PHI_T=True), 4, 3), (dict(BT=64, BU=16, PHI_T=True), 8, 3),
+    (dict(BT=128, BU=8, PHI_T=True), 8, 2), (dict(BT=64, BU=16, PHI_T=True), 4, 2),
+    (dict(BT=128, BU=16, PHI_T=True), 8, 2), (dict(BT=32, BU=16, PHI_T=True), 4, 3),
+]
+
+
+def record_launches(fn):
+    launches = []
+    original = function._launch
+
+    def recording(tuned, kernel, grid, args, constants, meta_names):
+        launches.append(dict(tuned=tuned, kernel=kernel, grid=grid, args=args, constants=constants,
+                             meta_names=meta_names))
+        return original(tuned, kernel, grid, args, constants, meta_names)
+
+    function._launch = recording
+    try:
+        fn()
+    finally:
+        function._launch = original
+    return launches
+
+
+def median_ms(fn):
+    if ARGS.dry_run:
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def name_of(launch):
+    kernel = launch["kernel"].__name__.replace("pair_", "").replace("_kernel", "")
+    if "BACKWARD" in launch["constants"]:
+        kernel += ".bwd" if launch["constants"]["BACKWARD"] else ".fwd"
+    return kernel
+
+
+def explicit(launch, meta, warps, stages, args=None, constants=None):
+    args = launch["args"] if args is None else args
+    constants = launch["constants"] if constants is None else constants
+    kernel = launch["kernel"]
+    if ARGS.dry_run:
+        meta = {**meta, **{k: function._INTERPRETER_META[k] for k in meta if k in ("BT", "BU")}}
+
+    def run():
+        kernel[launch["grid"](meta)](*args, **constants, **meta, num_warps=warps, num_stages=stages)
+    return run
+
+
+def best_config(launch):
+    tuned = launch["tuned"]
+    if tuned is None or not getattr(tuned, "cache", None):
+        return None
+    config = list(tuned.cache.values())[-1]
+    return dict(config.kwargs), config.num_warps, config.num_stages
+
+
+def main():
+    device = "cpu" if ARGS.dry_run else "cuda"
+    dtype = torch.float32 if ARGS.dry_run else torch.bfloat16
+    b, t, h, d = (1, 96, 2, 16) if ARGS.dry_run else (ARGS.b, ARGS.t, ARGS.heads, ARGS.d)
+    chunk = 32 if ARGS.dry_run else ARGS.chunk
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    Q, K, V = (randn(b, t, h, d).to(dtype).requires_grad_() for _ in range(3))
+    log_G = torch.nn.functional.logsigmoid(randn(b, t, h) + 4.0).requires_grad_()
+    dY = randn(b, t, h, d).to(dtype)
+
+    def step():
+        Y = power_retention(Q, K, V, log_G, deg=2, chunk_size=chunk, backend="triton")
+        torch.autograd.grad(Y, (Q, K, V, log_G), dY)
+
+    step()  # tune and compile
+    whole = median_ms(step)
+    launches = record_launches(step)
+    rows = []
+    print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}  b={b} t={t} h={h} d={d} "
+          f"chunk={chunk or function.default_chunk_size(t, d, 2)}  whole fwd+bwd {whole:.3f} ms", flush=True)
+    for launch in launches:
+        name = name_of(launch)
+        tuned_ms = median_ms(lambda: function._launch(launch["tuned"], launch["kernel"], launch["grid"],
+                                                      launch["args"], launch["constants"], launch["meta_names"]))
+        best = best_config(launch)
+        row = dict(kernel=name, tuned_ms=tuned_ms, tuned_config=repr(best), variants=[])
+        print(f"{name:28s} tuned {tuned_ms:8.3f} ms  {best}", flush=True)
+        meta, warps, stages = best if best else (
+            {k: function._INTERPRETER_META[k] for k in launch["meta_names"]}, 4, 1)
+        variants = []
+        if "BT" not in launch["meta_names"]:  # a row kernel: its args end with (..., NP, scale)
+            args = list(launch["args"])
+            args[-2] = 0
+            variants.append(("intra only (NP=0)", explicit(launch, meta, warps, stages, args=tuple(args))))
+        if launch["constants"].get("HAS_GATE"):
+            variants.append(("no gates", explicit(launch, meta, warps, stages,
+                                                 constants={**launch["constants"], "HAS_GATE": False})))
+        sweep = STATE_SWEEP if "BT" in launch["meta_names"] else ROW_SWEEP
+        for config_meta, config_warps, config_stages in sweep:
+            config_meta = {k: v for k, v in config_meta.items() if k in launch["meta_names"]}
+            variants.append((f"{config_meta} w{config_warps} s{config_stages}",
+                             explicit(launch, config_meta, config_warps, config_stages)))
+        for label, run in variants:
+            try:
+                ms = median_ms(run)
+            except Exception as error:  # noqa: BLE001  (out of resources, compile errors: recorded, not fatal)
+                ms = None
+                label += f" [{type(error).__name__}: {str(error)[:80]}]"
+            row["variants"].append(dict(variant=label, ms=ms))
+            print(f"{'':28s} {label:45s} {'-' if ms is None else f'{ms:8.3f}'}", flush=True)
+        rows.append(row)
+        save(rows, whole, b, t, h, d, device)
+    total = sum(row["tuned_ms"] for row in rows)
+    print(f"sum of tuned kernels {total:.3f} ms (whole {whole:.3f} ms; median of parts "
+          f"{statistics.median(row['tuned_ms'] for row in rows):.3f})")
+
+
+def save(rows, whole, b, t, h, d, device):
+    """Rewritten after every kernel, so a run cut short keeps its rows."""
+    result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device == "cuda"
+                  else "cpu", torch=torch.__version__, triton=triton.__version__, shape=dict(b=b, t=t, h=h, d=d),
+                  whole_fwd_bwd_ms=whole, kernels=rows,
+                  command="python3 benchmarks/gpu_kernel_profile.py " + " ".join(
+                      f"--{k} {v}" for k, v in vars(ARGS).items() if k not in ("out", "dry_run") and v))
+    os.makedirs(ARGS.out, exist_ok=True)
+    with open(os.path.join(ARGS.out, "gpu_kernel_profile.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
