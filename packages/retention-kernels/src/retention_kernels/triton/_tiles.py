@@ -79,17 +79,18 @@ def next_power_of_2(n: int, minimum: int = 16) -> int:
 
 
 @triton.jit
-def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, running, SPAN_ROW, BK: tl.constexpr):
+def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, SPAN_ROW, BK: tl.constexpr):
     """Gate sums of one ``[BQ, BK]`` tile of ``P_ij = dA_ij A_ij`` (query rows ``local_i``, key columns
-    ``local_j = k_start + arange(BK)``, chunk positions; the query tiles of a key block come in DECREASING order).
+    ``local_j = k_start + arange(BK)``, chunk positions).
 
     The gate at position ``u`` scales exactly the pairs ``j < u <= i``, so its gradient from this key block is
     ``sum_{i >= u} sum_{j < u} P_ij``, a sum of terms that all span ``u`` (never the diagonal, no cancellation):
       * ``u`` inside the key block: tiles whose rows reach into the block add the masked ``(P U)[i, u]`` with
         ``U[j, u] = [j < u]``; later tiles (every ``i >= u``) only need their column sums (``column``), turned
         into the exclusive prefix over ``j`` by :func:`spanning_finish`;
-      * ``u`` after the key block (every ``j < u``): the suffix over ``i >= u`` of the row sums, plus ``running``,
-        the total of the tiles after this one; stored to ``SPAN_ROW + u`` here.
+      * ``u`` after the key block (every ``j < u``): the suffix over ``i >= u`` of the row sums. The row sums of
+        the rows after the block are stored to ``SPAN_ROW + i`` as they are; ``function._gate_gradient`` takes
+        the suffix sums (in fp64, one pass for every block, instead of a scan per tile here).
     """
     if q_start < k_start + BK:
         if SPAN_BY_SCAN:
@@ -103,11 +104,8 @@ def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, running
             own += tl.sum(tl.where(local_i[:, None] >= local_j[None, :], spanned, 0.0), axis=0)
     else:
         column += tl.sum(P, axis=0)
-    rows = tl.sum(P, axis=1)
-    later = tl.cumsum(rows, axis=0, reverse=True) + running
-    tl.store(SPAN_ROW + local_i, later, mask=(local_i >= k_start + BK) & (local_i < C))
-    running += tl.sum(rows, axis=0)
-    return own, column, running
+    tl.store(SPAN_ROW + local_i, tl.sum(P, axis=1), mask=(local_i >= k_start + BK) & (local_i < C))
+    return own, column
 
 
 @triton.jit
@@ -161,14 +159,23 @@ def load_tile(base, rows, row_stride, row_mask, cols, col_stride, col_mask):
 
 
 @triton.jit
-def causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE: tl.constexpr):
+def causal_decay(g_base, local_i, local_j, causal, C, keys_before, last_key, HAS_GATE: tl.constexpr):
     """``e^{G_i - G_j}`` on the ``causal`` pairs of a tile and 0 elsewhere (the exp of a masked -inf: the acausal,
     positive differences never overflow). Multiply, then mask with ``causal``: a power that overflowed there would
-    make ``inf * 0``."""
+    make ``inf * 0``.
+
+    ``keys_before``: every key of the tile (the last at ``last_key``) precedes every query row, so the decay splits
+    at that key ``a`` into ``e^{G_i - G_a} e^{G_a - G_j}``: ``BQ + BK`` exponentials instead of ``BQ BK``. Both
+    factors are at most 1 (log gates <= 0): neither overflows, and where one underflows, so does the exact product
+    (it is no larger)."""
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
         g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-        decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
+        if keys_before:
+            g_a = tl.load(g_base + last_key)
+            decay = tl.exp(tl.where(local_i < C, g_i - g_a, 0.0))[:, None] * tl.exp(g_a - g_j)[None, :]
+        else:
+            decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
     else:
         decay = tl.where(causal, 1.0, 0.0)
     return decay
@@ -187,7 +194,8 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
         v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
         causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
         weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
-        weights = tl.where(causal, weights * causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE), 0.0)
+        decay = causal_decay(g_base, local_i, local_j, causal, C, k_start + BK <= q_start, k_start + BK - 1, HAS_GATE)
+        weights = tl.where(causal, weights * decay, 0.0)
         numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
         denominator += tl.sum(weights, axis=1)
     return numerator, denominator
@@ -209,7 +217,8 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
         d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
-        d_scores = tl.where(causal, d_scores * causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE), 0.0)
+        decay = causal_decay(g_base, local_i, local_j, causal, C, k_start + BK <= q_start, k_start + BK - 1, HAS_GATE)
+        d_scores = tl.where(causal, d_scores * decay, 0.0)
         dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
     return dq
 
@@ -230,13 +239,12 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
     dv = tl.zeros((BK, EP), dtype=tl.float32)
     own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates of this key block
     column = tl.zeros((BK,), dtype=tl.float32)
-    running = tl.sum(tl.zeros((BQ,), dtype=tl.float32), axis=0)
     q_tiles = tl.cdiv(C - k_start, BQ)
-    for step in range(q_tiles):  # decreasing query tiles (the spanning sums run backwards), the group inside
-        q_start = k_start + (q_tiles - 1 - step) * BQ
+    for step in range(q_tiles):  # the query tiles from the diagonal on, the group inside
+        q_start = k_start + step * BQ
         local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
         causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
-        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
+        decay = causal_decay(g_base, local_i, local_j, causal, C, q_start >= k_start + BK, k_start + BK - 1, HAS_GATE)
         spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij = dA_ij A_ij summed over the group
         for r in range(group):
             query_head = head * group + r
@@ -253,8 +261,7 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
             if HAS_GATE:
                 spanning += d_weights * weights
         if HAS_GATE:
-            own, column, running = spanning_tile(spanning, local_i, local_j, q_start, k_start, C, own, column,
-                                                 running, SPAN_ROW, BK)
+            own, column = spanning_tile(spanning, local_i, local_j, q_start, k_start, C, own, column, SPAN_ROW, BK)
     if HAS_GATE:
         spanning_finish(own, column, local_j, k_start, C, SPAN_ROW, BK)
     return dk, dv

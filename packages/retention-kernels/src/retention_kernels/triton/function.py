@@ -202,7 +202,7 @@ def _chunk_inner_products(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return out.sum(-1, dtype=torch.float64)
 
 
-def _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan: _Plan) -> torch.Tensor:
+def _gate_gradient(G, state_inner, query_terms, key_terms, spans, key_block: int, plan: _Plan) -> torch.Tensor:
     """``d log_G [b, t, h]`` fp32 from per-chunk pieces, in the CPU backend's direct form: for the gate at position
     ``u`` of chunk ``c`` (every term below really spans the gate, so strong gates lose nothing to cancellation)::
 
@@ -210,8 +210,10 @@ def _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan: _Plan) -
 
     ``G [b, h, T_pad]`` cumulative gates within each chunk (``G_C`` the chunk's last); ``state_inner [b h, n]``
     ``<dS'_{c+1}, S'_c>`` (numerators and key sums; ``dS'_n`` is the final state's cotangent); ``query_terms
-    [b, t, hq]`` (summed over each group); ``key_terms [b, t, h]``; ``spans [b h, n, nb, C]`` (summed over the
-    key blocks). Sums in fp64; padding rows are dropped."""
+    [b, t, hq]`` (summed over each group); ``key_terms [b, t, h]``; ``spans [b h, n, nb, C]``, row ``J`` from key
+    block ``J`` (``key_block`` keys, ``_tiles.spanning_tile``): its own gates' sums inside the block, zeros before,
+    and after it the row sums ``sum_{j in J} P_ij``, whose suffix sums over ``i >= u`` are that block's share of
+    ``SPAN_u``. Sums in fp64; padding rows are dropped."""
     b, t, h = key_terms.shape
     group = query_terms.shape[2] // h
 
@@ -223,7 +225,12 @@ def _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan: _Plan) -
     later_queries = queries.flip(-1).cumsum(-1).flip(-1)  # i >= u
     earlier_keys = F.pad(keys.cumsum(-1)[..., :-1], (1, 0))  # j < u: a shifted inclusive sum (exact)
     kept = G.reshape(b * h, plan.n, plan.C)[..., -1].double().exp() * state_inner
-    total = spans.sum(2, dtype=torch.float64) + later_queries + earlier_keys + kept[..., None]
+    blocks = torch.arange(spans.shape[2], device=spans.device)
+    after = torch.arange(plan.C, device=spans.device) >= (blocks[:, None] + 1) * key_block  # [nb, C]
+    spans = spans.double()
+    later_rows = torch.where(after, spans, 0.0).flip(-1).cumsum(-1).flip(-1)  # sum over i >= u of the row sums
+    span = torch.where(after, later_rows, spans).sum(2)
+    total = span + later_queries + earlier_keys + kept[..., None]
     return total.reshape(b, h, plan.T_pad)[..., :t].transpose(1, 2).float().contiguous()
 
 
@@ -313,7 +320,7 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
             return _chunk_inner_products(X.flatten(0, 1)[:, :-1], dX.flatten(0, 1)[:, 1:])
 
         state_inner = entering_and_leaving(states, d_states) + entering_and_leaving(key_states, d_key_states)
-        d_log_G = _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan)
+        d_log_G = _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan.BK, plan)
     return dQ, dK, dV, d_log_G, d_states[:, :, 0].clone(), d_key_states[:, :, 0].clone()
 
 
@@ -624,7 +631,7 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
         # slot c of the states: S'_c entering chunk c; of their gradients: dS'_{c+1} leaving it (the inner
         # products are the same in the internal layout: an isometry for S, the true gradient of M for dM)
         state_inner = _chunk_inner_products(states, d_states) + _chunk_inner_products(Ms, d_Ms)
-        d_log_G = _gate_gradient(G, state_inner, query_terms, key_terms, spans, plan)
+        d_log_G = _gate_gradient(G, state_inner, query_terms, key_terms, spans, key_block, plan)
     return dQ, dK, dV, d_log_G, d_init, d_init_M
 
 
