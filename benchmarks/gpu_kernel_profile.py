@@ -143,16 +143,21 @@ def main():
         meta, warps, stages = best if best else (
             {k: function._INTERPRETER_META[k] for k in launch["meta_names"]}, 4, 1)
         variants = []
-        if "BT" not in launch["meta_names"]:  # a row kernel: its args end with (..., NP, scale)
+        names = launch["kernel"].arg_names
+        if "BT" not in launch["meta_names"] and "NP" in names and "BK" in names:  # a row kernel with a pair loop
             args = list(launch["args"])
-            args[-2] = 0
+            args[names.index("NP")] = 0
             variants.append(("intra only (NP=0)", explicit(launch, meta, warps, stages, args=tuple(args))))
         if launch["constants"].get("HAS_GATE"):
             variants.append(("no gates", explicit(launch, meta, warps, stages,
                                                  constants={**launch["constants"], "HAS_GATE": False})))
         sweep = STATE_SWEEP if "BT" in launch["meta_names"] else ROW_SWEEP
+        swept = set()
         for config_meta, config_warps, config_stages in sweep:
             config_meta = {k: v for k, v in config_meta.items() if k in launch["meta_names"]}
+            if (repr(config_meta), config_warps, config_stages) in swept:
+                continue
+            swept.add((repr(config_meta), config_warps, config_stages))
             variants.append((f"{config_meta} w{config_warps} s{config_stages}",
                              explicit(launch, config_meta, config_warps, config_stages)))
         for label, run in variants:

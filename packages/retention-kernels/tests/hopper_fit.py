@@ -56,22 +56,26 @@ def main(argv: list[str]) -> int:
         states = "*bf16" if dtype == "bf16" else "*fp32"
         constants = dict(DP=128, EP=128, OP=operand, PRECISION=precision, GRAM_PRECISION=precision, HAS_GATE=True,
                          HAS_STATE=True, HAS_INIT=True, BACKWARD=True)
-        plan = type("Plan", (), {"operand": operand})
+        plan = type("Plan", (), {"operand": operand, "precision": precision})
         layout = type("Layout", (), {"DP": 128})
         key_block = function._key_value_block(plan, layout)
         kernels = {
             "output": (pairs.pair_output_kernel, function._TUNED_OUTPUT),
             "query_grad": (pairs.pair_query_grad_kernel, function._TUNED_QUERY_GRAD),
+            "key_state_grad": (pairs.pair_key_state_grad_kernel, function._TUNED_KEY_STATE_GRAD),
             f"key_value_grad BK={key_block}": (pairs.pair_key_value_grad_kernel,
                                                function._TUNED_KEY_VALUE_GRAD[key_block]),
             "chunk_contribution": (pair_scan.pair_chunk_contribution_kernel, pair_scan._TUNED_CONTRIBUTION),
         }
         for name, (kernel, tuned) in kernels.items():
+            used = constants
+            if name == "key_state_grad":
+                used = {**constants, "PRECISION": function._key_state_precision(plan, layout)}
             # The fallbacks at the end of each list first (compiling every config takes minutes); the footprint is
             # not monotonic in the tile sizes and stages, so go on until one fits.
             seen = []
             for config in reversed([*tuned.configs, *tuned.fallbacks]):
-                seen.append(shared_bytes(kernel, config, constants, inputs, states, arch))
+                seen.append(shared_bytes(kernel, config, used, inputs, states, arch))
                 if seen[-1] * OTHER_RELEASE_MARGIN <= SHARED[arch]:
                     print(f"fits sm_{arch} {dtype} d128 {name}: {seen[-1]} bytes ({config})", flush=True)
                     break

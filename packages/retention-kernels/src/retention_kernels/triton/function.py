@@ -29,7 +29,13 @@ from retention.sympow import sympow_dim, sympow_table
 from ._tiles import next_power_of_2
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
-from .pairs import pair_key_value_grad_kernel, pair_output_kernel, pair_query_grad_kernel, pair_state_kernel
+from .pairs import (
+    pair_key_state_grad_kernel,
+    pair_key_value_grad_kernel,
+    pair_output_kernel,
+    pair_query_grad_kernel,
+    pair_state_kernel,
+)
 from .state import chunk_inner_product_kernel, chunk_update_kernel, scan_kernel
 
 __all__ = ["power_retention_triton", "default_chunk_size"]
@@ -443,19 +449,32 @@ _TUNED_QUERY_GRAD = _autotuned(
     [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
     [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"], _SMALL_ROWS,
 )
+_TUNED_KEY_STATE_GRAD = _autotuned(
+    pair_key_state_grad_kernel,
+    [_config(4, 2, BK=64), _config(8, 2, BK=128), _config(8, 2, BK=64), _config(4, 3, BK=64)],
+    [*_SHAPE_KEY, "h", "HAS_GATE"], (_config(4, 1, BK=32), _config(4, 1, BK=16)),
+)
 # One BK per tuned list: the gates' scratch SPAN has one row per key block, allocated before the launch. BK = 32
-# where fp32 operands (fp16/fp32 inputs) meet d > 64: with BK = 64 the kernel needs 258 KB of shared memory there,
-# more than an H100/H200 SM has (227 KB).
+# where fp32 operands (fp16/fp32 inputs) meet d > 64: with BK = 64 the kernel (then with the state's share fused)
+# needed 258 KB of shared memory there, more than an H100/H200 SM has (227 KB).
 _TUNED_KEY_VALUE_GRAD = {
     block: _autotuned(
         pair_key_value_grad_kernel,
-        [_config(4, 2, BQ=64, BK=block), _config(8, 2, BQ=64, BK=block), _config(8, 2, BQ=128, BK=block)],
-        [*_SHAPE_KEY, "hq", "h", "HAS_GATE"], (_config(4, 1, BQ=16, BK=block),),
+        [_config(4, 1, BQ=64, BK=block), _config(4, 2, BQ=64, BK=block), _config(8, 2, BQ=128, BK=block),
+         _config(4, 2, BQ=32, BK=block)],
+        ["C", "d", "e", "hq", "h", "HAS_GATE"], (_config(4, 1, BQ=16, BK=block),),
     )
     for block in (64, 32)
 }
 # Under the interpreter (CPU): large blocks mean fewer (slow) Python-level programs.
 _INTERPRETER_META = dict(BT=32, BU=16, BQ=32, BK=32, PHI_T=True)
+
+
+def _key_state_precision(plan, layout) -> str:
+    """The product precision of ``pair_key_state_grad_kernel``: "ieee" where fp32 operands meet d > 64 (the tf32
+    products with the transposed state tile need 196 KB of shared memory at d = 128, too much with the margin of
+    tests/hopper_fit.py; fp32 inputs compute in "ieee" anyway)."""
+    return "ieee" if plan.operand == tl.float32 and layout.DP > 64 else plan.precision
 
 
 def _key_value_block(plan, layout) -> int:
@@ -617,14 +636,23 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     _launch(_TUNED_QUERY_GRAD, pair_query_grad_kernel, query_grid,
             (Q, K, V, G_arg, layout.pairs, states, Ms, dn, delta, dQ, query_terms, *common), constants,
             ("BQ", "BK"))
-    dK = _new(b, t, h, d, device=device, dtype=K.dtype)
-    dV = _new(b, t, h, e, device=device, dtype=V.dtype)
+    # the state's share of dK, dV (fp32), then the intra-chunk block's added to it
+    dK_state = _new(b, t, h, d, device=device)
+    dV_state = _new(b, t, h, e, device=device)
     constants = dict(HAS_GATE=has_gate, **_pair_constants(Q, plan, layout))
+    constants["PRECISION"] = _key_state_precision(plan, layout)
     def key_grid(meta):
         return (plan.n * triton.cdiv(plan.C, meta["BK"]), b * h)
+    _launch(_TUNED_KEY_STATE_GRAD, pair_key_state_grad_kernel, key_grid,
+            (K, V, G_arg, layout.pairs, d_states, d_Ms, dK_state, dV_state, key_terms, *K.stride(), *V.stride(),
+             t, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP), constants, ("BK",))
+    dK = _new(b, t, h, d, device=device, dtype=K.dtype)
+    dV = _new(b, t, h, e, device=device, dtype=V.dtype)
+    del constants["GRAM_PRECISION"]
+    constants["PRECISION"] = plan.precision
     _launch(_TUNED_KEY_VALUE_GRAD.get(key_block), pair_key_value_grad_kernel, key_grid,  # None: interpreted
-            (Q, K, V, G_arg, layout.pairs, d_states, d_Ms, dn, delta, dK, dV, key_terms, spans, *common),
-            constants, ("BQ", "BK"))
+            (Q, K, V, G_arg, dK_state, dV_state, dn, delta, dK, dV, spans, *Q.stride(), *K.stride(), *V.stride(),
+             t, hq, h, d, e, plan.n, plan.C, plan.T_pad, scale), constants, ("BQ", "BK"))
 
     d_log_G = None
     if has_gate:

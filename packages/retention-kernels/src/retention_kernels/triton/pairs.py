@@ -16,8 +16,9 @@ Kernels (``G`` = cumulative log gate inside each chunk, ``s`` = scale):
                           ``dS_c = e^{G_last} dS_{c+1} + s^2 sum_i e^{G_i} phi(q_i) dn_i^T`` (and dM from delta).
                           One program per (feature tile, head) walks the chunks in order: the scan is fused.
   ``pair_output_kernel``  intra-chunk block + state query + normalisation.
-  ``pair_query_grad_kernel``, ``pair_key_value_grad_kernel``: dQ; dK, dV; and the pieces of the gate gradient
-                          (QTERM, KTERM, SPAN: see ``grads.py``).
+  ``pair_query_grad_kernel``: dQ (and QTERM, the gate gradient's query pieces: see ``grads.py``).
+  ``pair_key_state_grad_kernel``, then ``pair_key_value_grad_kernel``: the state's share of dK, dV (and KTERM),
+                          then the intra-chunk block's added to it (and SPAN).
 """
 
 from __future__ import annotations
@@ -324,19 +325,21 @@ def pair_query_grad_kernel(
 
 
 @triton.jit
-def pair_key_value_grad_kernel(
-    Q, K, V, G, PAIRS, DSTATES, DMS, DN, DELTA, DK, DV, KTERM, SPAN,
-    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
-    t, hq, h, d, e, n_chunks, C, T_pad, NP, scale,
+def pair_key_state_grad_kernel(
+    K, V, G, PAIRS, DSTATES, DMS, DK_STATE, DV_STATE, KTERM,
+    sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
+    t, h, d, e, n_chunks, C, T_pad, NP,
     HAS_GATE: tl.constexpr,
-    BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
 ):
-    """DK [b, t, h, d], DV [b, t, h, e] contiguous. DSTATES ``[b h, n, DI, e]`` / DMS ``[b h, n, DP, DP]`` slot c:
-    the gradient of the state leaving chunk c. With HAS_GATE: KTERM [b, t, h] fp32 (``k_j . dk_j^state / 2``) and
-    SPAN ``[b h, n, cdiv(C, BK), C]`` fp32 (row J: the spanning sums of key block J, ``_tiles.spanning_tile``)."""
+    """The state's share of dK, dV: ``dk_j = J_phi(k_j)^T (e^{G_last - G_j} dS'_{c+1} [v_j, 1])`` and ``dv_j =
+    e^{G_last - G_j} dS'_{c+1}^T phi(k_j)``, fp32 DK_STATE ``[b, t, h, d]`` and DV_STATE ``[b, t, h, e]``
+    (contiguous), and with HAS_GATE KTERM [b, t, h] fp32 (``k_j . dk_j / 2``). DSTATES ``[b h, n, DI, e]`` / DMS
+    ``[b h, n, DP, DP]`` slot c: the gradient of the state leaving chunk c. A kernel of its own: fused with the
+    intra-chunk block, the accumulators of both spilled (4.9 ms at t = 65536 on an H200, against 2.3 ms for the
+    intra-chunk block alone, benchmarks/results/gpu_kernel_profile_before.json)."""
     c, k_start, b, head, pid_bh = key_program(h, C, BK)
-    group = hq // h
     DI = NP * 256
     NBP: tl.constexpr = DP // 16
 
@@ -347,20 +350,11 @@ def pair_key_value_grad_kernel(
     e_mask = columns < e
     k_base = K + b * sk_b + head * sk_h
     k32 = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(tl.float32)
-    k = k32.to(OP)
     v = load_tile(V + b * sv_b + head * sv_h, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
-    g_base = G + pid_bh * T_pad + c * C
-    if HAS_GATE:
-        g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-    span_row = SPAN + ((pid_bh * n_chunks + c) * tl.cdiv(C, BK) + k_start // BK).to(tl.int64) * C
-    dk, dv = intra_key_value_grad(
-        k, v, local_j, k_mask, k_start, Q + b * sq_b + head * group * sq_h, sq_t, sq_d, sq_h, DN, e, DELTA, 1,
-        g_base, span_row, b, c, t, hq, head, group, C, scale, dims, d_mask, columns, e_mask,
-        HAS_GATE, 2, BQ, BK, DP, EP, OP, PRECISION,
-    )
-
     # The state leaving the chunk: every key of the chunk was written into it.
     if HAS_GATE:
+        g_base = G + pid_bh * T_pad + c * C
+        g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
         key_decay = tl.exp(tl.load(g_base + C - 1) - g_j)
     else:
         key_decay = tl.full((BK,), 1.0, tl.float32)
@@ -368,6 +362,7 @@ def pair_key_value_grad_kernel(
     state_base = DSTATES + slot.to(tl.int64) * DI * e
     features = tl.arange(0, 256)
     acc = tl.zeros((BK, NBP, 16), dtype=tl.float32)
+    dv = tl.zeros((BK, EP), dtype=tl.float32)
     for P in range(NP):
         block_i, block_j, weight = _pair(PAIRS, P)
         coord_i = block_i * 16 + tl.arange(0, 16)
@@ -381,16 +376,54 @@ def pair_key_value_grad_kernel(
         dv += tl.dot(phi, dS, input_precision=PRECISION)
         dphi = tl.dot(v, tl.trans(dS), input_precision=PRECISION) * row_weight[:, None]
         acc = _outer_vjp(acc, dphi, ki, kj, block_i, block_j, BK, NBP)
-    dk_state = tl.reshape(acc, (BK, DP))
+    dk = tl.reshape(acc, (BK, DP))
     # the key-sum path: e^{G_last - G_j} k_j^T dM k_j with dM symmetric
     dM = tl.load(DMS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
-    dk_state += tl.dot(k32, dM, input_precision=GRAM_PRECISION) * (2.0 * key_decay)[:, None]
-    dk += dk_state
+    dk += tl.dot(k32, dM, input_precision=GRAM_PRECISION) * (2.0 * key_decay)[:, None]
 
     out_rows = (b * t + rows_k).to(tl.int64) * h + head
-    tl.store(DK + out_rows[:, None] * d + dims[None, :], dk.to(DK.dtype.element_ty),
-             mask=k_mask[:, None] & d_mask[None, :])
-    tl.store(DV + out_rows[:, None] * e + columns[None, :], dv.to(DV.dtype.element_ty),
-             mask=k_mask[:, None] & e_mask[None, :])
+    tl.store(DK_STATE + out_rows[:, None] * d + dims[None, :], dk, mask=k_mask[:, None] & d_mask[None, :])
+    tl.store(DV_STATE + out_rows[:, None] * e + columns[None, :], dv, mask=k_mask[:, None] & e_mask[None, :])
     if HAS_GATE:
-        tl.store(KTERM + out_rows, tl.sum(k32 * dk_state, axis=1) * 0.5, mask=k_mask)
+        tl.store(KTERM + out_rows, tl.sum(k32 * dk, axis=1) * 0.5, mask=k_mask)
+
+
+@triton.jit
+def pair_key_value_grad_kernel(
+    Q, K, V, G, DK_STATE, DV_STATE, DN, DELTA, DK, DV, SPAN,
+    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
+    t, hq, h, d, e, n_chunks, C, T_pad, scale,
+    HAS_GATE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    OP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """DK [b, t, h, d], DV [b, t, h, e] contiguous: the intra-chunk block plus the state's share (DK_STATE,
+    DV_STATE fp32, from ``pair_key_state_grad_kernel``). With HAS_GATE: SPAN ``[b h, n, cdiv(C, BK), C]`` fp32
+    (row J: the spanning sums of key block J, ``_tiles.spanning_tile``)."""
+    c, k_start, b, head, pid_bh = key_program(h, C, BK)
+    group = hq // h
+
+    local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
+    dims = tl.arange(0, DP)
+    d_mask = dims < d
+    columns = tl.arange(0, EP)
+    e_mask = columns < e
+    k = load_tile(K + b * sk_b + head * sk_h, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
+    v = load_tile(V + b * sv_b + head * sv_h, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+    g_base = G + pid_bh * T_pad + c * C
+    span_row = SPAN + ((pid_bh * n_chunks + c) * tl.cdiv(C, BK) + k_start // BK).to(tl.int64) * C
+    dk, dv = intra_key_value_grad(
+        k, v, local_j, k_mask, k_start, Q + b * sq_b + head * group * sq_h, sq_t, sq_d, sq_h, DN, e, DELTA, 1,
+        g_base, span_row, b, c, t, hq, head, group, C, scale, dims, d_mask, columns, e_mask,
+        HAS_GATE, 2, BQ, BK, DP, EP, OP, PRECISION,
+    )
+
+    out_rows = (b * t + rows_k).to(tl.int64) * h + head
+    dk_tile = out_rows[:, None] * d + dims[None, :]
+    dk_mask = k_mask[:, None] & d_mask[None, :]
+    dv_tile = out_rows[:, None] * e + columns[None, :]
+    dv_mask = k_mask[:, None] & e_mask[None, :]
+    dk += tl.load(DK_STATE + dk_tile, mask=dk_mask, other=0.0)
+    dv += tl.load(DV_STATE + dv_tile, mask=dv_mask, other=0.0)
+    tl.store(DK + dk_tile, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(DV + dv_tile, dv.to(DV.dtype.element_ty), mask=dv_mask)
