@@ -10,6 +10,7 @@
 #     bash benchmarks/gpu_session.sh large      # issue 3: deg 3/4 kernels at states past 2**31 elements
 #     bash benchmarks/gpu_session.sh short      # issue 3: time the single-chunk calls (t = 1024)
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
+#     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 set -uo pipefail
@@ -74,8 +75,17 @@ case "$stage" in
       echo "span=$mode rc=$?"; grep -E "retention\[triton\]" "$OUT/span_${mode}_log.txt" | tail -4
     done
     ;;
+  quick-checks)
+    timeout 280 python3 benchmarks/gpu_triton.py --checks-only --quick > "$OUT/checks_quick_log.txt" 2>&1
+    echo "quick checks rc=$?"; grep -E "FAIL|Error" "$OUT/checks_quick_log.txt" | head; tail -4 "$OUT/checks_quick_log.txt"
+    ;;
+  profile)
+    # every deg-2 kernel of one fwd+bwd at t = 65536 alone: as tuned, intra-chunk only, without gates, a config sweep
+    timeout 290 python3 benchmarks/gpu_kernel_profile.py --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
+    echo "profile rc=$?"; grep -E "tuned|intra|no gates|whole|sum of" "$OUT/gpu_kernel_profile_log.txt"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile)" >&2
     exit 2
     ;;
 esac
