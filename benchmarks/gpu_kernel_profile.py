@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -135,8 +136,8 @@ def main():
           f"chunk={chunk or function.default_chunk_size(t, d, 2)}  whole fwd+bwd {whole:.3f} ms", flush=True)
     for launch in launches:
         name = name_of(launch)
-        tuned_ms = median_ms(lambda: function._launch(launch["tuned"], launch["kernel"], launch["grid"],
-                                                      launch["args"], launch["constants"], launch["meta_names"]))
+        tuned_ms = median_ms(functools.partial(function._launch, *(launch[key] for key in (
+            "tuned", "kernel", "grid", "args", "constants", "meta_names"))))
         best = best_config(launch)
         row = dict(kernel=name, tuned_ms=tuned_ms, tuned_config=repr(best), variants=[])
         print(f"{name:28s} tuned {tuned_ms:8.3f} ms  {best}", flush=True)
@@ -163,7 +164,7 @@ def main():
         for label, run in variants:
             try:
                 ms = median_ms(run)
-            except Exception as error:  # noqa: BLE001  (out of resources, compile errors: recorded, not fatal)
+            except Exception as error:  # out of resources, compile errors: recorded, not fatal
                 ms = None
                 label += f" [{type(error).__name__}: {str(error)[:80]}]"
             row["variants"].append(dict(variant=label, ms=ms))

@@ -648,8 +648,8 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
              t, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP), constants, ("BK",))
     dK = _new(b, t, h, d, device=device, dtype=K.dtype)
     dV = _new(b, t, h, e, device=device, dtype=V.dtype)
+    constants = {**constants, "PRECISION": plan.precision}
     del constants["GRAM_PRECISION"]
-    constants["PRECISION"] = plan.precision
     _launch(_TUNED_KEY_VALUE_GRAD.get(key_block), pair_key_value_grad_kernel, key_grid,  # None: interpreted
             (Q, K, V, G_arg, dK_state, dV_state, dn, delta, dK, dV, spans, *Q.stride(), *K.stride(), *V.stride(),
              t, hq, h, d, e, plan.n, plan.C, plan.T_pad, scale), constants, ("BQ", "BK"))
