@@ -640,16 +640,15 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     dK_state = _new(b, t, h, d, device=device)
     dV_state = _new(b, t, h, e, device=device)
     constants = dict(HAS_GATE=has_gate, **_pair_constants(Q, plan, layout))
-    constants["PRECISION"] = _key_state_precision(plan, layout)
     def key_grid(meta):
         return (plan.n * triton.cdiv(plan.C, meta["BK"]), b * h)
     _launch(_TUNED_KEY_STATE_GRAD, pair_key_state_grad_kernel, key_grid,
             (K, V, G_arg, layout.pairs, d_states, d_Ms, dK_state, dV_state, key_terms, *K.stride(), *V.stride(),
-             t, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP), constants, ("BK",))
+             t, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP),
+            {**constants, "PRECISION": _key_state_precision(plan, layout)}, ("BK",))
     dK = _new(b, t, h, d, device=device, dtype=K.dtype)
     dV = _new(b, t, h, e, device=device, dtype=V.dtype)
-    constants = {**constants, "PRECISION": plan.precision}
-    del constants["GRAM_PRECISION"]
+    constants.pop("GRAM_PRECISION")  # the intra-chunk block has no key-sum products
     _launch(_TUNED_KEY_VALUE_GRAD.get(key_block), pair_key_value_grad_kernel, key_grid,  # None: interpreted
             (Q, K, V, G_arg, dK_state, dV_state, dn, delta, dK, dV, spans, *Q.stride(), *K.stride(), *V.stride(),
              t, hq, h, d, e, plan.n, plan.C, plan.T_pad, scale), constants, ("BQ", "BK"))
