@@ -46,10 +46,11 @@ from retention import power_retention  # noqa: E402
 from retention_kernels.triton import function  # noqa: E402
 
 # the configs swept per kernel (meta parameters of its launch, warps, stages)
-ROW_SWEEP = [
-    (dict(BQ=64, BK=64), 4, 2), (dict(BQ=64, BK=64), 4, 3), (dict(BQ=64, BK=64), 8, 2), (dict(BQ=64, BK=64), 8, 3),
-    (dict(BQ=128, BK=64), 8, 2), (dict(BQ=64, BK=128), 8, 2), (dict(BQ=128, BK=128), 8, 2),
-    (dict(BQ=64, BK=32), 4, 2), (dict(BQ=32, BK=64), 4, 2),
+ROW_SWEEP = [  # meta parameters a kernel does not take are dropped (BU: the pair-tile width of the state products)
+    (dict(BQ=64, BK=64, BU=16), 4, 1), (dict(BQ=64, BK=64, BU=16), 4, 2), (dict(BQ=64, BK=64, BU=16), 4, 3),
+    (dict(BQ=64, BK=64, BU=8), 4, 1), (dict(BQ=64, BK=64, BU=8), 4, 2), (dict(BQ=64, BK=64, BU=8), 4, 3),
+    (dict(BQ=64, BK=64, BU=8), 8, 2), (dict(BQ=128, BK=64, BU=8), 8, 2), (dict(BQ=128, BK=128, BU=8), 8, 2),
+    (dict(BQ=64, BK=32, BU=16), 4, 2), (dict(BQ=32, BK=64, BU=16), 4, 2),
 ]
 STATE_SWEEP = [
     (dict(BT=64, BU=8, PHI_T=True), 4, 3), (dict(BT=64, BU=16, PHI_T=True), 8, 3),
@@ -102,6 +103,24 @@ def explicit(launch, meta, warps, stages, args=None, constants=None):
     return run
 
 
+def top_operations(step, device, count=15):
+    """The most expensive device operations of one fwd+bwd (torch.profiler): the Triton kernels and the torch work
+    around them (gate-gradient sums, layout conversions, casts)."""
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profile:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    attribute = "device_time_total" if device == "cuda" else "cpu_time_total"
+    events = sorted(profile.key_averages(), key=lambda event: getattr(event, attribute), reverse=True)
+    ops = [dict(name=event.key[:90], ms=getattr(event, attribute) / 1e3, calls=event.count) for event in events
+           if not event.key.startswith("ProfilerStep")][:count]
+    print(f"# top operations of one fwd+bwd ({attribute}, torch.profiler)")
+    for op in ops:
+        print(f"  {op['ms']:8.3f} ms  x{op['calls']:<4d} {op['name']}")
+    return ops
+
+
 def best_config(launch):
     tuned = launch["tuned"]
     if tuned is None or not getattr(tuned, "cache", None):
@@ -130,6 +149,7 @@ def main():
 
     step()  # tune and compile
     whole = median_ms(step)
+    ops = top_operations(step, device)
     launches = record_launches(step)
     rows = []
     print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}  b={b} t={t} h={h} d={d} "
@@ -170,17 +190,17 @@ def main():
             row["variants"].append(dict(variant=label, ms=ms))
             print(f"{'':28s} {label:45s} {'-' if ms is None else f'{ms:8.3f}'}", flush=True)
         rows.append(row)
-        save(rows, whole, b, t, h, d, device)
+        save(rows, ops, whole, b, t, h, d, device)
     total = sum(row["tuned_ms"] for row in rows)
     print(f"sum of tuned kernels {total:.3f} ms (whole {whole:.3f} ms; median of parts "
           f"{statistics.median(row['tuned_ms'] for row in rows):.3f})")
 
 
-def save(rows, whole, b, t, h, d, device):
+def save(rows, ops, whole, b, t, h, d, device):
     """Rewritten after every kernel, so a run cut short keeps its rows."""
     result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device == "cuda"
                   else "cpu", torch=torch.__version__, triton=triton.__version__, shape=dict(b=b, t=t, h=h, d=d),
-                  whole_fwd_bwd_ms=whole, kernels=rows,
+                  whole_fwd_bwd_ms=whole, kernels=rows, top_operations=ops,
                   command="python3 benchmarks/gpu_kernel_profile.py " + " ".join(
                       f"--{k} {v}" for k, v in vars(ARGS).items() if k not in ("out", "dry_run") and v))
     os.makedirs(ARGS.out, exist_ok=True)

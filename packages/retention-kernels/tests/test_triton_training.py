@@ -130,6 +130,17 @@ def test_gate_gradient_with_unequal_blocks(blocks, interpreter, monkeypatch):
     check_against_oracle(strong_gate_inputs(2, 16, "uniform"), 2, 35, interpreter)
 
 
+@pytest.mark.parametrize("d", [16, 40], ids=["d16", "d40-padded-blocks"])
+def test_half_width_pair_tiles(d, interpreter, monkeypatch):
+    """Pair tiles of 8 x 16 features (BU = 8, tuned on GPUs) in every deg-2 kernel: the state passes, the state
+    queries of the output and dQ, the state's share of dK, dV and their gate terms (two coordinate accumulators)."""
+    if interpreter == "cuda":
+        pytest.skip("the tile width is the interpreter's; on a GPU the autotuned configs run")
+    monkeypatch.setitem(function._INTERPRETER_META, "BU", 8)
+    inputs = random_inputs(b=1, t=37, hq=4, h=2, d=d, dtype=torch.float32, state=True, gate_strength=5.0)
+    check_against_oracle(inputs, 2, 16, interpreter)
+
+
 @pytest.mark.parametrize("case", ["deg2-pairs", "deg2-minimal-layout", "deg1"])
 @pytest.mark.parametrize("blocks", [(32, 32), (16, 32), (32, 16)], ids=["BQ32-BK32", "BQ16-BK32", "BQ32-BK16"])
 @pytest.mark.parametrize("by_scan", [True, False], ids=["scan", "dot"])

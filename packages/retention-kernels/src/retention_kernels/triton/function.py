@@ -438,21 +438,19 @@ _TUNED_STATE = _autotuned(
     [*_SHAPE_KEY, "hx", "h", "BACKWARD", "HAS_GATE", "HAS_INIT"],
 )
 # fp32 inputs at d = 128: the [256, 128] fp32 state tile alone takes 128 KB, so the last resort shrinks the rows.
-_SMALL_ROWS = (_config(4, 1, BQ=16, BK=32),)
-_TUNED_OUTPUT = _autotuned(
-    pair_output_kernel,
-    [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
-    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"], _SMALL_ROWS,
-)
-_TUNED_QUERY_GRAD = _autotuned(
-    pair_query_grad_kernel,
-    [_config(4, 2, BQ=64, BK=64), _config(8, 2, BQ=64, BK=64), _config(8, 2, BQ=128, BK=64)],
-    [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"], _SMALL_ROWS,
-)
+_SMALL_ROWS = (_config(4, 1, BQ=16, BK=32, BU=16),)
+# BU: pair tiles of 16 BU features; BU = 8 halves the [rows, 16 BU] phi / dphi tiles that the state products hold
+# in registers (the key-state kernel's best on an H200, benchmarks/results/gpu_kernel_profile.json).
+_QUERY_CONFIGS = [_config(4, 3, BQ=64, BK=64, BU=16), _config(4, 2, BQ=64, BK=64, BU=16),
+                  _config(4, 3, BQ=64, BK=64, BU=8), _config(8, 2, BQ=128, BK=64, BU=8)]
+_TUNED_OUTPUT = _autotuned(pair_output_kernel, _QUERY_CONFIGS, [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"],
+                           _SMALL_ROWS)
+_TUNED_QUERY_GRAD = _autotuned(pair_query_grad_kernel, _QUERY_CONFIGS,
+                               [*_SHAPE_KEY, "hq", "h", "HAS_GATE", "HAS_STATE"], _SMALL_ROWS)
 _TUNED_KEY_STATE_GRAD = _autotuned(
     pair_key_state_grad_kernel,
-    [_config(4, 2, BK=64), _config(8, 2, BK=128), _config(8, 2, BK=64), _config(4, 3, BK=64)],
-    [*_SHAPE_KEY, "h", "HAS_GATE"], (_config(4, 1, BK=32), _config(4, 1, BK=16)),
+    [_config(4, 3, BK=64, BU=8), _config(4, 2, BK=64, BU=8), _config(4, 1, BK=64, BU=16), _config(8, 1, BK=128, BU=8)],
+    [*_SHAPE_KEY, "h", "HAS_GATE"], (_config(4, 1, BK=32, BU=16), _config(4, 1, BK=16, BU=16)),
 )
 # One BK per tuned list: the gates' scratch SPAN has one row per key block, allocated before the launch. BK = 32
 # where fp32 operands (fp16/fp32 inputs) meet d > 64: with BK = 64 the kernel (then with the state's share fused)
@@ -588,7 +586,7 @@ def _pair_forward(Q, K, V, log_G, state, M0, scale: float, chunk_size: int, need
     constants = dict(HAS_GATE=log_G is not None, HAS_STATE=state is not None, **_pair_constants(Q, plan, layout))
     def grid(meta):
         return (plan.n * triton.cdiv(plan.C, meta["BQ"]), b * hq)
-    _launch(_TUNED_OUTPUT, pair_output_kernel, grid, args, constants, ("BQ", "BK"))
+    _launch(_TUNED_OUTPUT, pair_output_kernel, grid, args, constants, ("BQ", "BK", "BU"))
     return Y, den, final, final_M, states, Ms, G
 
 
@@ -635,7 +633,7 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
         return (plan.n * triton.cdiv(plan.C, meta["BQ"]), b * hq)
     _launch(_TUNED_QUERY_GRAD, pair_query_grad_kernel, query_grid,
             (Q, K, V, G_arg, layout.pairs, states, Ms, dn, delta, dQ, query_terms, *common), constants,
-            ("BQ", "BK"))
+            ("BQ", "BK", "BU"))
     # the state's share of dK, dV (fp32), then the intra-chunk block's added to it
     dK_state = _new(b, t, h, d, device=device)
     dV_state = _new(b, t, h, e, device=device)
@@ -645,7 +643,7 @@ def _pair_backward(dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms
     _launch(_TUNED_KEY_STATE_GRAD, pair_key_state_grad_kernel, key_grid,
             (K, V, G_arg, layout.pairs, d_states, d_Ms, dK_state, dV_state, key_terms, *K.stride(), *V.stride(),
              t, h, d, e, plan.n, plan.C, plan.T_pad, layout.NP),
-            {**constants, "PRECISION": _key_state_precision(plan, layout)}, ("BK",))
+            {**constants, "PRECISION": _key_state_precision(plan, layout)}, ("BK", "BU"))
     dK = _new(b, t, h, d, device=device, dtype=K.dtype)
     dV = _new(b, t, h, e, device=device, dtype=V.dtype)
     constants.pop("GRAM_PRECISION")  # the intra-chunk block has no key-sum products

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import function
-from .pairs import _outer, _pair
+from .pairs import _outer, _pair_tile
 
 
 @triton.jit
@@ -61,8 +61,7 @@ def pair_chunk_contribution_kernel(
     d]``, V = V; backward: X = Q with ``hx = hq`` heads, V = dn ``[b, t, hq, e]``, DELTA ``[b, t, hq]`` fp32).
     STATES ``[b h, n, DI, e]``, MS ``[b h, n, DP, DP]``; FINAL ``[b h, DI, e]``, FINAL_M ``[b h, DP, DP]`` fp32
     receive the contribution of the chunk that the scan adds last."""
-    split = 16 // BU
-    n_tiles = NP * split
+    n_tiles = NP * (16 // BU)
     pid = tl.program_id(0) % (n_tiles + 1)
     c = tl.program_id(0) // (n_tiles + 1)  # chunks on axis 0: axes 1 and 2 stop at 65535
     pid_bh = tl.program_id(1)
@@ -76,13 +75,11 @@ def pair_chunk_contribution_kernel(
     else:
         scanned_last = c == n_chunks - 1
     if pid < n_tiles:
-        P = pid // split
-        u0 = (pid % split) * BU
-        block_i, block_j, weight = _pair(PAIRS, P)
-        features = P * 256 + u0 * 16 + tl.arange(0, BU * 16)
+        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, pid, BU)
+        features = first_feature + tl.arange(0, BU * 16)
         columns = tl.arange(0, EP)
         e_mask = columns < e
-        coord_i = block_i * 16 + u0 + tl.arange(0, BU)
+        coord_i = first_i + tl.arange(0, BU)
         coord_j = block_j * 16 + tl.arange(0, 16)
         contribution = tl.zeros((BU * 16, EP), dtype=tl.float32)
         for r in range(group):
@@ -215,8 +212,8 @@ _config = function._config
 # BU=8 (128-feature tiles) first: twice the programs of BU=16 for the same operand loads per feature.
 _TUNED_CONTRIBUTION = function._autotuned(
     pair_chunk_contribution_kernel,
-    [_config(4, 3, BT=64, BU=8, PHI_T=True), _config(8, 3, BT=64, BU=16, PHI_T=True),
-     _config(8, 2, BT=128, BU=8, PHI_T=True), _config(4, 3, BT=64, BU=8, PHI_T=False)],
+    [_config(4, 3, BT=32, BU=16, PHI_T=True), _config(4, 2, BT=64, BU=16, PHI_T=True),
+     _config(4, 3, BT=64, BU=8, PHI_T=True), _config(4, 3, BT=64, BU=8, PHI_T=False)],
     [*function._SHAPE_KEY, "hx", "h", "BACKWARD", "HAS_GATE"],
 )
 # The scan is not tuned: it updates its buffers in place, so the tuner would have to copy them around every

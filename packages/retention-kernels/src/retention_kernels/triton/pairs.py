@@ -39,12 +39,17 @@ from ._tiles import (
 
 
 @triton.jit
-def _pair(PAIRS, P):
-    """Blocks ``(I, J)`` of pair ``P`` and its weight ``w_P``."""
+def _pair_tile(PAIRS, tile, BU: tl.constexpr):
+    """Tile ``tile`` of the ``16 / BU`` per block pair ``P = (I, J)``: its first ``i`` coordinate ``16 I + u0``
+    (then ``BU`` of them), block ``J`` (16 coordinates), the weight ``w_P`` (``sqrt(2)`` off the diagonal) and
+    its first feature ``256 P + 16 u0``."""
+    split: tl.constexpr = 16 // BU
+    P = tile // split
+    u0 = (tile % split) * BU
     block_i = tl.load(PAIRS + 2 * P)
     block_j = tl.load(PAIRS + 2 * P + 1)
     weight = tl.where(block_i < block_j, 1.4142135623730951, 1.0)
-    return block_i, block_j, weight
+    return block_i * 16 + u0, block_j, weight, P * 256 + u0 * 16
 
 
 @triton.jit
@@ -54,15 +59,31 @@ def _outer(xi, xj, ROWS: tl.constexpr, BU: tl.constexpr):
 
 
 @triton.jit
-def _outer_vjp(acc, dphi, xi, xj, block_i, block_j, ROWS: tl.constexpr, NBP: tl.constexpr):
-    """``acc [ROWS, NBP, 16] += J^T dphi`` for the pair tile ``phi = xi (x) xj`` (weights already in ``dphi``)."""
-    d3 = tl.reshape(dphi, (ROWS, 16, 16))
+def _outer_vjp(acc_i, acc_j, dphi, xi, xj, first_i, block_j, ROWS: tl.constexpr, BU: tl.constexpr,
+               NBP: tl.constexpr):
+    """``J^T dphi`` for the pair tile ``phi = xi (x) xj`` (weights already in ``dphi``) added to the accumulators
+    ``acc_j [ROWS, NBP, 16]`` (16-wide blocks) and, for half tiles (BU < 16), ``acc_i [ROWS, 16 NBP / BU, BU]``;
+    ``_vjp_total`` sums them."""
+    d3 = tl.reshape(dphi, (ROWS, BU, 16))
     grad_i = tl.sum(d3 * xj[:, None, :], axis=2)
     grad_j = tl.sum(d3 * xi[:, :, None], axis=1)
     blocks = tl.arange(0, NBP)[None, :, None]
-    acc += tl.where(blocks == block_i, grad_i[:, None, :], 0.0)
-    acc += tl.where(blocks == block_j, grad_j[:, None, :], 0.0)
-    return acc
+    acc_j += tl.where(blocks == block_j, grad_j[:, None, :], 0.0)
+    if BU == 16:
+        acc_j += tl.where(blocks == first_i // 16, grad_i[:, None, :], 0.0)
+    else:
+        slots = tl.arange(0, NBP * 16 // BU)[None, :, None]
+        acc_i += tl.where(slots == first_i // BU, grad_i[:, None, :], 0.0)
+    return acc_i, acc_j
+
+
+@triton.jit
+def _vjp_total(acc_i, acc_j, ROWS: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr):
+    """``[ROWS, DP]``: the coordinate gradients of ``_outer_vjp``'s accumulators."""
+    total = tl.reshape(acc_j, (ROWS, DP))
+    if BU < 16:
+        total += tl.reshape(acc_i, (ROWS, DP))
+    return total
 
 
 @triton.jit
@@ -82,21 +103,18 @@ def pair_state_kernel(
     gradient of the initial one; INIT: the other end (when HAS_INIT)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    split = 16 // BU
-    n_tiles = NP * split
+    n_tiles = NP * (16 // BU)
     b = pid_bh // h
     head = pid_bh % h
     group = hx // h
     DI = NP * 256
     g_base = G + pid_bh * T_pad
     if pid < n_tiles:
-        P = pid // split
-        u0 = (pid % split) * BU
-        block_i, block_j, weight = _pair(PAIRS, P)
-        features = P * 256 + u0 * 16 + tl.arange(0, BU * 16)
+        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, pid, BU)
+        features = first_feature + tl.arange(0, BU * 16)
         columns = tl.arange(0, EP)
         e_mask = columns < e
-        coord_i = block_i * 16 + u0 + tl.arange(0, BU)
+        coord_i = first_i + tl.arange(0, BU)
         coord_j = block_j * 16 + tl.arange(0, 16)
         tile = features[:, None] * e + columns[None, :]
         tile_mask = e_mask[None, :] & (features[:, None] >= 0)
@@ -200,7 +218,7 @@ def pair_output_kernel(
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, d, e, n_chunks, C, T_pad, NP, scale,
     HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr,
-    BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
 ):
     """``N'_i = sum_{j <= i in chunk} (s q_i.k_j)^2 e^{G_i - G_j} [v_j, 1] + s^2 e^{G_i} [phi(q_i)^T S_c,
@@ -229,15 +247,15 @@ def pair_output_kernel(
         inter = tl.zeros((BQ, EP), dtype=tl.float32)
         slot = (b * h + head) * n_chunks + c
         state_base = STATES + slot.to(tl.int64) * DI * e
-        features = tl.arange(0, 256)
-        for P in range(NP):
-            block_i, block_j, weight = _pair(PAIRS, P)
-            coord_i = block_i * 16 + tl.arange(0, 16)
+        features = tl.arange(0, BU * 16)
+        for tile in range(NP * (16 // BU)):
+            first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
+            coord_i = first_i + tl.arange(0, BU)
             coord_j = block_j * 16 + tl.arange(0, 16)
             qi = load_tile(q_base, rows_q, sq_t, q_mask, coord_i, sq_d, coord_i < d).to(tl.float32)
             qj = load_tile(q_base, rows_q, sq_t, q_mask, coord_j, sq_d, coord_j < d).to(tl.float32)
-            phi = _outer(qi * weight, qj, BQ, 16).to(OP)
-            S = tl.load(state_base + (P * 256 + features[:, None]) * e + columns[None, :],
+            phi = _outer(qi * weight, qj, BQ, BU).to(OP)
+            S = tl.load(state_base + (first_feature + features[:, None]) * e + columns[None, :],
                         mask=e_mask[None, :], other=0.0).to(OP)
             inter += tl.dot(phi, S, input_precision=PRECISION)
         square = dims[:, None] * DP + dims[None, :]
@@ -259,7 +277,7 @@ def pair_query_grad_kernel(
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, d, e, n_chunks, C, T_pad, NP, scale,
     HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr,
-    BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
 ):
     """DQ [b, t, hq, d] contiguous. DN ``[b, t, hq, e]`` (already rounded to the operand precision) and DELTA
@@ -296,19 +314,21 @@ def pair_query_grad_kernel(
             query_scale = query_scale * tl.exp(g_i)
         slot = (b * h + head) * n_chunks + c
         state_base = STATES + slot.to(tl.int64) * DI * e
-        features = tl.arange(0, 256)
-        acc = tl.zeros((BQ, NBP, 16), dtype=tl.float32)
-        for P in range(NP):
-            block_i, block_j, weight = _pair(PAIRS, P)
-            coord_i = block_i * 16 + tl.arange(0, 16)
+        features = tl.arange(0, BU * 16)
+        acc_i = tl.zeros((BQ, NBP * 16 // BU, BU), dtype=tl.float32)
+        acc_j = tl.zeros((BQ, NBP, 16), dtype=tl.float32)
+        for tile in range(NP * (16 // BU)):
+            first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
+            coord_i = first_i + tl.arange(0, BU)
             coord_j = block_j * 16 + tl.arange(0, 16)
             qi = load_tile(q_base, rows_q, sq_t, q_mask, coord_i, sq_d, coord_i < d).to(tl.float32)
             qj = load_tile(q_base, rows_q, sq_t, q_mask, coord_j, sq_d, coord_j < d).to(tl.float32)
-            S = tl.load(state_base + (P * 256 + features[:, None]) * e + columns[None, :],
+            S = tl.load(state_base + (first_feature + features[:, None]) * e + columns[None, :],
                         mask=e_mask[None, :], other=0.0).to(OP)
-            dphi = tl.dot(dn, tl.trans(S), input_precision=PRECISION) * (query_scale * weight)[:, None]
-            acc = _outer_vjp(acc, dphi, qi, qj, block_i, block_j, BQ, NBP)
-        dq_state = tl.reshape(acc, (BQ, DP))
+            dphi = tl.dot(dn, tl.trans(S), input_precision=PRECISION) * weight
+            acc_i, acc_j = _outer_vjp(acc_i, acc_j, dphi, qi, qj, first_i, block_j, BQ, BU, NBP)
+        # the per-row scale once, after the loop: inside it the gates' row vector costs registers in every tile
+        dq_state = _vjp_total(acc_i, acc_j, BQ, BU, DP) * query_scale[:, None]
         # the denominator's state term s^2 e^{G_i} delta_i q_i^T M q_i, M symmetric
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
         dq_state += tl.dot(q32, M, input_precision=GRAM_PRECISION) * (2.0 * query_scale * delta)[:, None]
@@ -330,7 +350,7 @@ def pair_key_state_grad_kernel(
     sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, h, d, e, n_chunks, C, T_pad, NP,
     HAS_GATE: tl.constexpr,
-    BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    BK: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
 ):
     """The state's share of dK, dV: ``dk_j = J_phi(k_j)^T (e^{G_last - G_j} dS'_{c+1} [v_j, 1])`` and ``dv_j =
@@ -360,23 +380,26 @@ def pair_key_state_grad_kernel(
         key_decay = tl.full((BK,), 1.0, tl.float32)
     slot = pid_bh * n_chunks + c
     state_base = DSTATES + slot.to(tl.int64) * DI * e
-    features = tl.arange(0, 256)
-    acc = tl.zeros((BK, NBP, 16), dtype=tl.float32)
+    features = tl.arange(0, BU * 16)
+    acc_i = tl.zeros((BK, NBP * 16 // BU, BU), dtype=tl.float32)
+    acc_j = tl.zeros((BK, NBP, 16), dtype=tl.float32)
     dv = tl.zeros((BK, EP), dtype=tl.float32)
-    for P in range(NP):
-        block_i, block_j, weight = _pair(PAIRS, P)
-        coord_i = block_i * 16 + tl.arange(0, 16)
+    for tile in range(NP * (16 // BU)):
+        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
+        coord_i = first_i + tl.arange(0, BU)
         coord_j = block_j * 16 + tl.arange(0, 16)
         ki = load_tile(k_base, rows_k, sk_t, k_mask, coord_i, sk_d, coord_i < d).to(tl.float32)
         kj = load_tile(k_base, rows_k, sk_t, k_mask, coord_j, sk_d, coord_j < d).to(tl.float32)
-        dS = tl.load(state_base + (P * 256 + features[:, None]) * e + columns[None, :],
+        dS = tl.load(state_base + (first_feature + features[:, None]) * e + columns[None, :],
                      mask=e_mask[None, :], other=0.0).to(OP)
-        row_weight = key_decay * weight
-        phi = _outer(ki * row_weight[:, None], kj, BK, 16).to(OP)
+        phi = _outer(ki * weight, kj, BK, BU).to(OP)
         dv += tl.dot(phi, dS, input_precision=PRECISION)
-        dphi = tl.dot(v, tl.trans(dS), input_precision=PRECISION) * row_weight[:, None]
-        acc = _outer_vjp(acc, dphi, ki, kj, block_i, block_j, BK, NBP)
-    dk = tl.reshape(acc, (BK, DP))
+        dphi = tl.dot(v, tl.trans(dS), input_precision=PRECISION) * weight
+        acc_i, acc_j = _outer_vjp(acc_i, acc_j, dphi, ki, kj, first_i, block_j, BK, BU, NBP)
+    # the keys' decay once, after the loop (both products are linear in it): with the row vector scaling every
+    # tile inside it, the kernel took 2.64 ms at t = 65536 with gates, 1.84 without (gpu_kernel_profile_split.json)
+    dv = dv * key_decay[:, None]
+    dk = _vjp_total(acc_i, acc_j, BK, BU, DP) * key_decay[:, None]
     # the key-sum path: e^{G_last - G_j} k_j^T dM k_j with dM symmetric
     dM = tl.load(DMS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
     dk += tl.dot(k32, dM, input_precision=GRAM_PRECISION) * (2.0 * key_decay)[:, None]
