@@ -11,6 +11,7 @@
 #     bash benchmarks/gpu_session.sh short      # issue 3: time the single-chunk calls (t = 1024)
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
 #     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
+#     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 set -uo pipefail
@@ -76,7 +77,7 @@ case "$stage" in
     done
     ;;
   quick-checks)
-    timeout 280 python3 benchmarks/gpu_triton.py --checks-only --quick > "$OUT/checks_quick_log.txt" 2>&1
+    timeout 350 python3 benchmarks/gpu_triton.py --checks-only --quick > "$OUT/checks_quick_log.txt" 2>&1
     echo "quick checks rc=$?"; grep -E "FAIL|Error" "$OUT/checks_quick_log.txt" | head; tail -4 "$OUT/checks_quick_log.txt"
     ;;
   profile)
@@ -84,8 +85,15 @@ case "$stage" in
     timeout 290 python3 benchmarks/gpu_kernel_profile.py --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
     echo "profile rc=$?"; grep -E "tuned|intra|no gates|whole|sum of" "$OUT/gpu_kernel_profile_log.txt"
     ;;
+  ratios)
+    # the standard problem's ratios (d 64, h 8, bf16, gates, b t = 65536) at 4k / 16k / 64k, deg 2 and deg 1
+    timeout 230 python3 benchmarks/suite.py --quick --methods 'retention[triton],sdpa[cudnn]' --degs 2,1 \
+      --head-dims 64 --contexts 4096,16384,65536 --passes fwd,fwd+bwd --no-decode --no-breakdown --no-plots \
+      --time-budget 200 --tag ratios --out "$OUT" > "$OUT/suite_ratios_log.txt" 2>&1
+    echo "ratios rc=$?"; grep -E "retention\[triton\]|sdpa" "$OUT/suite_ratios_log.txt" | tail -14
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile ratios)" >&2
     exit 2
     ;;
 esac
