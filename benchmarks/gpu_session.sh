@@ -12,6 +12,7 @@
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
 #     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
+#     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 set -uo pipefail
@@ -92,8 +93,18 @@ case "$stage" in
       --time-budget 200 --tag ratios --out "$OUT" > "$OUT/suite_ratios_log.txt" 2>&1
     echo "ratios rc=$?"; grep -E "retention\[triton\]|sdpa" "$OUT/suite_ratios_log.txt" | tail -14
     ;;
+  d128-checks)
+    timeout 170 python3 benchmarks/gpu_triton.py --checks-only --only d128 > "$OUT/checks_d128_log.txt" 2>&1
+    echo "d128 checks rc=$?"; grep -E "^\[|FAIL|Error|checks" "$OUT/checks_d128_log.txt" | cut -c1-160
+    ;;
+  throughput)
+    # issue 8: the 12-layer 768-wide GPT at context 16k, sdpa against power deg 1 / deg 2 (and deg 2 at chunk 512)
+    timeout 240 python3 benchmarks/train_gpu.py throughput --sweep_deg1 256 --sweep_deg2 512 --out "$OUT" \
+      > "$OUT/train_throughput_log.txt" 2>&1
+    echo "throughput rc=$?"; tail -12 "$OUT/train_throughput_log.txt"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile ratios)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile ratios d128-checks throughput)" >&2
     exit 2
     ;;
 esac
