@@ -15,11 +15,29 @@
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #
 # Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
+#
+# Compiling and autotuning take most of a fresh machine's time. The Triton cache (compiled kernels, autotune
+# results) comes back as $OUT/triton-cache.tar.gz (when under 16 MB and the stages left room among the 8 files a
+# call returns); put it at dist/triton-cache.tar.gz and carry "dist" in the next call: kernels whose source did
+# not change are then neither compiled nor tuned again.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src:packages/retention-train/src
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/retention-triton-cache}
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f dist/triton-cache.tar.gz ] && tar -xzf dist/triton-cache.tar.gz -C "$TRITON_CACHE_DIR"; then
+  echo "triton cache restored: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
+fi
+save_cache() {
+  [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] || { echo "triton cache not returned: 8 result files already"; return; }
+  tar -czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+  if [ "$(stat -c %s "$OUT/triton-cache.tar.gz" 2>/dev/null || echo 0)" -gt 16000000 ]; then
+    rm -f "$OUT/triton-cache.tar.gz"; echo "triton cache over 16 MB: not returned"
+  fi
+}
+trap save_cache EXIT
 
 [ $# -gt 0 ] || set -- help
 for stage in "$@"; do
