@@ -89,7 +89,7 @@ def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, SPAN_RO
         ``U[j, u] = [j < u]``; later tiles (every ``i >= u``) only need their column sums (``column``), turned
         into the exclusive prefix over ``j`` by :func:`spanning_finish`;
       * ``u`` after the key block (every ``j < u``): the suffix over ``i >= u`` of the row sums. The row sums of
-        the rows after the block are stored to ``SPAN_ROW + i`` as they are; ``function._gate_gradient`` takes
+        the rows after the block are stored to ``SPAN_ROW + i`` as they are; ``gates.gate_gradient_kernel`` takes
         the suffix sums (in fp64, one pass for every block, instead of a scan per tile here).
     """
     if q_start < k_start + BK:

@@ -9,7 +9,7 @@ Backward:
   3. ``state_grad_scan_kernel``: the reverse scan, ``dS'`` leaving every chunk and the initial-state gradient.
   4. ``query_grad_kernel`` (dQ and the gates' query terms) and ``key_value_grad_kernel`` (dK, dV, the gates' key
      terms and intra-chunk spanning sums), then ``chunk_inner_product_kernel`` (``<dS'_{c+1}, S'_c>``).
-  5. torch: :func:`_gate_gradient` assembles d log_G from those per-chunk pieces.
+  5. ``gates.gate_gradient_kernel`` assembles d log_G from those per-chunk pieces.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from retention.sympow import sympow_dim, sympow_table
 
 from ._tiles import next_power_of_2
+from .gates import gate_gradient_kernel
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
 from .pairs import (
@@ -209,35 +209,21 @@ def _chunk_inner_products(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _gate_gradient(G, state_inner, query_terms, key_terms, spans, key_block: int, plan: _Plan) -> torch.Tensor:
-    """``d log_G [b, t, h]`` fp32 from per-chunk pieces, in the CPU backend's direct form: for the gate at position
-    ``u`` of chunk ``c`` (every term below really spans the gate, so strong gates lose nothing to cancellation)::
-
-        d log_g_u = SPAN_u + sum_{i >= u in c} QTERM_i + sum_{j < u in c} KTERM_j + e^{G_C} <dS'_{c+1}, S'_c>
-
-    ``G [b, h, T_pad]`` cumulative gates within each chunk (``G_C`` the chunk's last); ``state_inner [b h, n]``
-    ``<dS'_{c+1}, S'_c>`` (numerators and key sums; ``dS'_n`` is the final state's cotangent); ``query_terms
-    [b, t, hq]`` (summed over each group); ``key_terms [b, t, h]``; ``spans [b h, n, nb, C]``, row ``J`` from key
-    block ``J`` (``key_block`` keys, ``_tiles.spanning_tile``): its own gates' sums inside the block, zeros before,
-    and after it the row sums ``sum_{j in J} P_ij``, whose suffix sums over ``i >= u`` are that block's share of
-    ``SPAN_u``. Sums in fp64; padding rows are dropped."""
+    """``d log_G [b, t, h]`` fp32 from the gradient kernels' per-chunk pieces (``gates.gate_gradient_kernel``):
+    ``G [b, h, T_pad]`` cumulative gates within each chunk, ``state_inner [b h, n]`` fp64 ``<dS'_{c+1}, S'_c>``
+    (numerators and key sums; ``dS'_n`` is the final state's cotangent), ``query_terms [b, t, hq]``, ``key_terms
+    [b, t, h]`` and ``spans [b h, n, nb, C]`` (row ``J`` from key block ``J`` of ``key_block`` keys)."""
     b, t, h = key_terms.shape
-    group = query_terms.shape[2] // h
-
-    def by_chunk(x):  # [b, t, h] -> [b h, n, C] fp64, zeros padding the last chunk
-        return F.pad(x.transpose(1, 2), (0, plan.T_pad - t)).reshape(b * h, plan.n, plan.C)
-
-    queries = by_chunk(query_terms.reshape(b, t, h, group).sum(-1, dtype=torch.float64))
-    keys = by_chunk(key_terms.double())
-    later_queries = queries.flip(-1).cumsum(-1).flip(-1)  # i >= u
-    earlier_keys = F.pad(keys.cumsum(-1)[..., :-1], (1, 0))  # j < u: a shifted inclusive sum (exact)
-    kept = G.reshape(b * h, plan.n, plan.C)[..., -1].double().exp() * state_inner
-    blocks = torch.arange(spans.shape[2], device=spans.device)
-    after = torch.arange(plan.C, device=spans.device) >= (blocks[:, None] + 1) * key_block  # [nb, C]
-    spans = spans.double()
-    later_rows = torch.where(after, spans, 0.0).flip(-1).cumsum(-1).flip(-1)  # sum over i >= u of the row sums
-    span = torch.where(after, later_rows, spans).sum(2)
-    total = span + later_queries + earlier_keys + kept[..., None]
-    return total.reshape(b, h, plan.T_pad)[..., :t].transpose(1, 2).float().contiguous()
+    n_blocks = spans.shape[2]
+    NB = triton.next_power_of_2(n_blocks)
+    out = _new(b, t, h, device=key_terms.device)
+    # [NB, BLOCK] fp64 tiles of at most 4096 elements (32 KB of registers over 4 warps)
+    gate_gradient_kernel[(plan.n, b * h)](
+        query_terms, key_terms, spans, G, state_inner.contiguous(), out,
+        t, query_terms.shape[2], h, plan.n, plan.C, plan.T_pad, key_block, n_blocks,
+        NB=NB, BLOCK=max(16, min(triton.next_power_of_2(plan.C), 4096 // NB)), num_warps=4,
+    )
+    return out
 
 
 def _forward(Q, K, V, log_G, state, sum_of_keys, deg: int, scale: float, chunk_size: int,

@@ -6,7 +6,7 @@ heads of its group), and the pieces of the gate gradient. With ``dN'_i = [dn_i, 
     dk_j  = s sum_i dA_ij p (s q_i.k_j)^(p-1) e^{G_i-G_j} q_i  +  J_phi(k_j)^T (e^{G_last-G_j} dS'_{c+1} [v_j, 1])
     dv'_j = sum_i A_ij dN'_i  +  e^{G_last-G_j} dS'_{c+1}^T phi(k_j)
 
-Gate pieces (``function._gate_gradient`` assembles them; phi is p-homogeneous, so ``x . J_phi(x)^T g =
+Gate pieces (``gates.gate_gradient_kernel`` assembles them; phi is p-homogeneous, so ``x . J_phi(x)^T g =
 p phi(x) . g``): QTERM_i = q_i . dq_i^state / p = dN'_i . (state part of N'_i), KTERM_j = k_j . dk_j^state / p =
 e^{G_last-G_j} [v_j, 1] . dS'_{c+1}^T phi(k_j), and SPAN (``_tiles.spanning_tile``) the intra-chunk sums of
 ``dA_ij A_ij`` over the pairs ``j < u <= i`` spanning each gate ``u``.
