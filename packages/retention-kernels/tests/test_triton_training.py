@@ -130,6 +130,28 @@ def test_gate_gradient_with_unequal_blocks(blocks, interpreter, monkeypatch):
     check_against_oracle(strong_gate_inputs(2, 16, "uniform"), 2, 35, interpreter)
 
 
+@pytest.mark.parametrize(("case", "blocks"), [
+    ("deg2-pairs", (16, 16)), ("deg2-pairs", (32, 16)), ("deg2-pairs", (16, 32)),
+    ("deg2-minimal-layout", None), ("deg1", None),  # their tiles: 64 wide (function._plan)
+], ids=["pairs-BQ16-BK16", "pairs-BQ32-BK16", "pairs-BQ16-BK32", "minimal-layout", "deg1"])
+def test_tiles_below_the_diagonal(case, blocks, interpreter, monkeypatch):
+    """Chunks of several tiles (C = 72, t = 100: the last chunk partial, the last tiles padded), strong gates: the
+    tiles wholly below the diagonal split their decay into a query and a key factor applied to whole sums (output,
+    dQ, dK, dV and the gates' column sums); the tiles across it keep the full causal decay."""
+    if interpreter == "cuda" and blocks:
+        pytest.skip("the block sizes are the interpreter's; on a GPU the autotuned configs run")
+    deg, d, _, pairs = GATE_CASES[case]
+    monkeypatch.setattr(function, "PAIR_LAYOUT", pairs)
+    if blocks:
+        monkeypatch.setitem(function._INTERPRETER_META, "BQ", blocks[0])
+        monkeypatch.setitem(function._INTERPRETER_META, "BK", blocks[1])
+    inputs = random_inputs(b=1, t=100, hq=2, h=1, d=d, dtype=torch.float32, state=True, deg=deg,
+                           gate_strength=8.0)
+    if deg % 2:
+        inputs["Q"], inputs["K"] = inputs["Q"].abs(), inputs["K"].abs()
+    check_against_oracle(inputs, deg, 72, interpreter)
+
+
 @pytest.mark.parametrize("d", [16, 40], ids=["d16", "d40-padded-blocks"])
 def test_half_width_pair_tiles(d, interpreter, monkeypatch):
     """Pair tiles of 8 x 16 features (BU = 8, tuned on GPUs) in every deg-2 kernel: the state passes, the state

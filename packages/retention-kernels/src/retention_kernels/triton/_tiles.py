@@ -79,33 +79,36 @@ def next_power_of_2(n: int, minimum: int = 16) -> int:
 
 
 @triton.jit
-def spanning_tile(P, local_i, local_j, q_start, k_start, C, own, column, SPAN_ROW, BK: tl.constexpr):
-    """Gate sums of one ``[BQ, BK]`` tile of ``P_ij = dA_ij A_ij`` (query rows ``local_i``, key columns
-    ``local_j = k_start + arange(BK)``, chunk positions).
+def spanning_tile(P, local_i, local_j, k_start, C, own, SPAN_ROW, BK: tl.constexpr):
+    """Gate sums of one ``[BQ, BK]`` tile of ``P_ij = dA_ij A_ij`` whose query rows ``local_i`` reach into the key
+    block (columns ``local_j = k_start + arange(BK)``, chunk positions).
 
     The gate at position ``u`` scales exactly the pairs ``j < u <= i``, so its gradient from this key block is
     ``sum_{i >= u} sum_{j < u} P_ij``, a sum of terms that all span ``u`` (never the diagonal, no cancellation):
-      * ``u`` inside the key block: tiles whose rows reach into the block add the masked ``(P U)[i, u]`` with
-        ``U[j, u] = [j < u]``; later tiles (every ``i >= u``) only need their column sums (``column``), turned
+      * ``u`` inside the key block: the tiles reaching into the block add the masked ``(P U)[i, u]`` with
+        ``U[j, u] = [j < u]`` to ``own``; the later tiles (every ``i >= u``) only need their column sums, turned
         into the exclusive prefix over ``j`` by :func:`spanning_finish`;
       * ``u`` after the key block (every ``j < u``): the suffix over ``i >= u`` of the row sums. The row sums of
-        the rows after the block are stored to ``SPAN_ROW + i`` as they are; ``gates.gate_gradient_kernel`` takes
-        the suffix sums (in fp64, one pass for every block, instead of a scan per tile here).
+        the rows after the block are stored to ``SPAN_ROW + i`` as they are (:func:`store_row_sums`);
+        ``gates.gate_gradient_kernel`` takes the suffix sums.
     """
-    if q_start < k_start + BK:
-        if SPAN_BY_SCAN:
-            # at v = u - 1: sum_{i > v} sum_{j <= v} P_ij (an inclusive scan, never the diagonal), moved to u
-            scanned = tl.cumsum(P, axis=1)
-            by_previous = tl.sum(tl.where(local_i[:, None] > local_j[None, :], scanned, 0.0), axis=0)
-            own += tl.sum(tl.where(local_j[:, None] + 1 == local_j[None, :], by_previous[:, None], 0.0), axis=0)
-        else:
-            before = (local_j[:, None] < local_j[None, :]).to(tl.float32)
-            spanned = tl.dot(P, before, input_precision="ieee")  # [BQ, BK]: sum_{j < u} P_ij
-            own += tl.sum(tl.where(local_i[:, None] >= local_j[None, :], spanned, 0.0), axis=0)
+    if SPAN_BY_SCAN:
+        # at v = u - 1: sum_{i > v} sum_{j <= v} P_ij (an inclusive scan, never the diagonal), moved to u
+        scanned = tl.cumsum(P, axis=1)
+        by_previous = tl.sum(tl.where(local_i[:, None] > local_j[None, :], scanned, 0.0), axis=0)
+        own += tl.sum(tl.where(local_j[:, None] + 1 == local_j[None, :], by_previous[:, None], 0.0), axis=0)
     else:
-        column += tl.sum(P, axis=0)
-    tl.store(SPAN_ROW + local_i, tl.sum(P, axis=1), mask=(local_i >= k_start + BK) & (local_i < C))
-    return own, column
+        before = (local_j[:, None] < local_j[None, :]).to(tl.float32)
+        spanned = tl.dot(P, before, input_precision="ieee")  # [BQ, BK]: sum_{j < u} P_ij
+        own += tl.sum(tl.where(local_i[:, None] >= local_j[None, :], spanned, 0.0), axis=0)
+    store_row_sums(tl.sum(P, axis=1), local_i, k_start, C, SPAN_ROW, BK)
+    return own
+
+
+@triton.jit
+def store_row_sums(row_sums, local_i, k_start, C, SPAN_ROW, BK: tl.constexpr):
+    """``SPAN_ROW[i] = sum_j P_ij`` for the query rows ``i`` after the key block (and inside the chunk)."""
+    tl.store(SPAN_ROW + local_i, row_sums, mask=(local_i >= k_start + BK) & (local_i < C))
 
 
 @triton.jit
@@ -159,42 +162,64 @@ def load_tile(base, rows, row_stride, row_mask, cols, col_stride, col_mask):
 
 
 @triton.jit
-def causal_decay(g_base, local_i, local_j, causal, C, keys_before, last_key, HAS_GATE: tl.constexpr):
-    """``e^{G_i - G_j}`` on the ``causal`` pairs of a tile and 0 elsewhere (the exp of a masked -inf: the acausal,
-    positive differences never overflow). Multiply, then mask with ``causal``: a power that overflowed there would
-    make ``inf * 0``.
-
-    ``keys_before``: every key of the tile (the last at ``last_key``) precedes every query row, so the decay splits
-    at that key ``a`` into ``e^{G_i - G_a} e^{G_a - G_j}``: ``BQ + BK`` exponentials instead of ``BQ BK``. Both
-    factors are at most 1 (log gates <= 0): neither overflows, and where one underflows, so does the exact product
-    (it is no larger)."""
+def causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE: tl.constexpr):
+    """``e^{G_i - G_j}`` on the ``causal`` pairs of a tile that reaches across the diagonal, 0 elsewhere (the exp
+    of a masked -inf: the acausal, positive differences never overflow). Multiply, then mask with ``causal``: a
+    power that overflowed there would make ``inf * 0``. (Tiles wholly below the diagonal split the decay into a
+    query and a key factor instead: ``intra_output``, ``intra_key_value_grad``.)"""
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
         g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
-        if keys_before:
-            g_a = tl.load(g_base + last_key)
-            decay = tl.exp(tl.where(local_i < C, g_i - g_a, 0.0))[:, None] * tl.exp(g_a - g_j)[None, :]
-        else:
-            decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
+        decay = tl.exp(tl.where(causal, g_i[:, None] - g_j[None, :], float("-inf")))
     else:
         decay = tl.where(causal, 1.0, 0.0)
     return decay
 
 
 @triton.jit
+def query_side_factors(g_base, local_i, q_start, C, HAS_GATE: tl.constexpr):
+    """The query tile's decay split for the key tiles before it: ``e^{G_i - G_j} = e^{G_i - G_p} e^{G_p - G_j}`` at
+    its first row ``p``, both factors at most 1 (log gates <= 0). Returns ``(G_p, e^{G_i - G_p})``."""
+    if HAS_GATE:
+        g_p = tl.load(g_base + q_start)
+        g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
+        return g_p, tl.exp(tl.where(local_i < C, g_i - g_p, 0.0))
+    else:
+        return 0.0, 1.0
+
+
+@triton.jit
 def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, sv_e, g_base, c, t, C, scale,
                  dims, d_mask, columns, e_mask, HAS_GATE: tl.constexpr, DEG: tl.constexpr, BQ: tl.constexpr,
                  BK: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr):
-    """``(sum_j A_ij v_j, sum_j A_ij)`` over the chunk's keys ``j <= i`` for the ``[BQ, DP]`` query tile ``q``."""
+    """``(sum_j A_ij v_j, sum_j A_ij)`` over the chunk's keys ``j <= i`` for the ``[BQ, DP]`` query tile ``q``.
+
+    The key tiles before the query tile come first, every pair causal: their decay is ``query_factor_i`` (applied
+    once to their sums) times a key factor per column, so no ``[BQ, BK]`` decay tile and no masks (padded keys
+    load as zeros). The tiles reaching into the query tile follow, with the full causal decay."""
     numerator = tl.zeros((BQ, EP), dtype=tl.float32)
     denominator = tl.zeros((BQ,), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
+    g_p, query_factor = query_side_factors(g_base, local_i, q_start, C, HAS_GATE)
+    keys_before = q_start // BK * BK
+    for k_start in range(0, keys_before, BK):
+        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
+        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
+        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
+        if HAS_GATE:
+            weights = weights * tl.exp(g_p - tl.load(g_base + local_j))[None, :]
+        numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
+        denominator += tl.sum(weights, axis=1)
+    if HAS_GATE:
+        numerator = numerator * query_factor[:, None]
+        denominator = denominator * query_factor
+    for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
         local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
         k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
         v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
         causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
         weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
-        decay = causal_decay(g_base, local_i, local_j, causal, C, k_start + BK <= q_start, k_start + BK - 1, HAS_GATE)
+        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
         weights = tl.where(causal, weights * decay, 0.0)
         numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
         denominator += tl.sum(weights, axis=1)
@@ -207,9 +232,25 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
                      BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, OP: tl.constexpr,
                      PRECISION: tl.constexpr):
     """``dq_i = s sum_j dA_ij p (s q_i.k_j)^(p-1) e^{G_i - G_j} k_j`` with ``dA_ij = dn_i.v_j + delta_i``, fp32
-    ``[BQ, DP]`` (``dn`` an OP tile ``[BQ, EP]``, ``delta`` fp32 ``[BQ]``)."""
+    ``[BQ, DP]`` (``dn`` an OP tile ``[BQ, EP]``, ``delta`` fp32 ``[BQ]``). Key tiles in the order and with the
+    decay split of :func:`intra_output`."""
     dq = tl.zeros((BQ, DP), dtype=tl.float32)
-    for k_start in range(0, tl.minimum(q_start + BQ, C), BK):
+    g_p, query_factor = query_side_factors(g_base, local_i, q_start, C, HAS_GATE)
+    keys_before = q_start // BK * BK
+    for k_start in range(0, keys_before, BK):
+        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
+        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
+        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
+        d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
+        if HAS_GATE:
+            d_scores = d_scores * tl.exp(g_p - tl.load(g_base + local_j))[None, :]
+        dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION)
+    if HAS_GATE:
+        dq = dq * query_factor[:, None]
+    dq = dq * scale
+    for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
         local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
         k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
         v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
@@ -217,7 +258,7 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
         d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
-        decay = causal_decay(g_base, local_i, local_j, causal, C, k_start + BK <= q_start, k_start + BK - 1, HAS_GATE)
+        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
         d_scores = tl.where(causal, d_scores * decay, 0.0)
         dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
     return dq
@@ -234,22 +275,61 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
         dk_j = s sum_i dA_ij p (s q_i.k_j)^(p-1) e^{G_i - G_j} q_i,   dv_j = sum_i A_ij dn_i
 
     Query row ``i`` of head ``h'`` reads ``dn_i`` at ``DN + ((b t + i) hq + h') dn_stride`` and ``delta_i`` at
-    ``DELTA + (..) delta_stride``."""
+    ``DELTA + (..) delta_stride``.
+
+    The query tiles after the key block come first: there every pair is causal and the decay splits at the
+    block's last key ``a``, ``e^{G_i - G_a} e^{G_a - G_j}``, with a key factor common to all of them. It is
+    applied once to their sums (dk, dv, column sums of the gates) instead of as a ``[BQ, BK]`` decay tile in
+    each: fewer registers, no masks (padded rows load as zeros). The tiles reaching into the block follow, with
+    the full causal decay."""
     dk = tl.zeros((BK, DP), dtype=tl.float32)
     dv = tl.zeros((BK, EP), dtype=tl.float32)
-    own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates of this key block
-    column = tl.zeros((BK,), dtype=tl.float32)
+    column = tl.zeros((BK,), dtype=tl.float32)  # the later tiles' column sums of P, for spanning_finish
+    last_key = tl.minimum(k_start + BK, C) - 1  # the block's last key inside the chunk
+    if HAS_GATE:
+        g_a = tl.load(g_base + last_key)
+        key_factor = tl.exp(g_a - tl.load(g_base + local_j, mask=local_j < C, other=0.0))  # <= 1
+    diagonal_tiles = tl.cdiv(BK, BQ)  # the query tiles that reach into the key block
     q_tiles = tl.cdiv(C - k_start, BQ)
-    for step in range(q_tiles):  # the query tiles from the diagonal on, the group inside
+    for step in range(diagonal_tiles, q_tiles):
+        q_start = k_start + step * BQ
+        local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
+        if HAS_GATE:
+            g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
+            query_factor = tl.exp(tl.where(local_i < C, g_i - g_a, 0.0))  # <= 1
+        spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij / e^{G_a - G_j}, summed over the group
+        for r in range(group):
+            q = load_tile(q_base + r * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
+            grad_rows = (b * t + rows_q).to(tl.int64) * hq + head * group + r
+            dn = load_tile(DN, grad_rows, dn_stride, q_mask, columns, 1, e_mask).to(OP)
+            delta = tl.load(DELTA + grad_rows * delta_stride, mask=q_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
+            d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
+            weights = integer_power(scores, DEG)
+            d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
+            if HAS_GATE:
+                weights = weights * query_factor[:, None]
+                d_scores = d_scores * query_factor[:, None]
+                spanning += d_weights * weights
+            dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
+        if HAS_GATE:
+            column += tl.sum(spanning, axis=0)
+            store_row_sums(tl.sum(spanning * key_factor[None, :], axis=1), local_i, k_start, C, SPAN_ROW, BK)
+    if HAS_GATE:
+        dk = dk * key_factor[:, None]
+        dv = dv * key_factor[:, None]
+        column = column * key_factor
+    own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates inside this key block
+    for step in range(0, tl.minimum(diagonal_tiles, q_tiles)):
         q_start = k_start + step * BQ
         local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
         causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
-        decay = causal_decay(g_base, local_i, local_j, causal, C, q_start >= k_start + BK, k_start + BK - 1, HAS_GATE)
+        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
         spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij = dA_ij A_ij summed over the group
         for r in range(group):
-            query_head = head * group + r
             q = load_tile(q_base + r * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
-            grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
+            grad_rows = (b * t + rows_q).to(tl.int64) * hq + head * group + r
             dn = load_tile(DN, grad_rows, dn_stride, q_mask, columns, 1, e_mask).to(OP)
             delta = tl.load(DELTA + grad_rows * delta_stride, mask=q_mask, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
@@ -261,7 +341,7 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
             if HAS_GATE:
                 spanning += d_weights * weights
         if HAS_GATE:
-            own, column = spanning_tile(spanning, local_i, local_j, q_start, k_start, C, own, column, SPAN_ROW, BK)
+            own = spanning_tile(spanning, local_i, local_j, k_start, C, own, SPAN_ROW, BK)
     if HAS_GATE:
         spanning_finish(own, column, local_j, k_start, C, SPAN_ROW, BK)
     return dk, dv
