@@ -162,6 +162,17 @@ def load_tile(base, rows, row_stride, row_mask, cols, col_stride, col_mask):
 
 
 @triton.jit
+def key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims, d_mask, columns, e_mask,
+                   BK: tl.constexpr, OP: tl.constexpr):
+    """The ``[BK]`` keys and values from chunk position ``k_start`` -> ``(local_j, k_mask, k, v)`` (OP tiles, zeros
+    outside the chunk and the sequence)."""
+    local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
+    k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
+    v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+    return local_j, k_mask, k, v
+
+
+@triton.jit
 def causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE: tl.constexpr):
     """``e^{G_i - G_j}`` on the ``causal`` pairs of a tile that reaches across the diagonal, 0 elsewhere (the exp
     of a masked -inf: the acausal, positive differences never overflow). Multiply, then mask with ``causal``: a
@@ -202,9 +213,8 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
     g_p, query_factor = query_side_factors(g_base, local_i, q_start, C, HAS_GATE)
     keys_before = q_start // BK * BK
     for k_start in range(0, keys_before, BK):
-        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
-        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
-        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
+                                               d_mask, columns, e_mask, BK, OP)
         weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
         if HAS_GATE:
             weights = weights * tl.exp(g_p - tl.load(g_base + local_j))[None, :]
@@ -214,9 +224,8 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
         numerator = numerator * query_factor[:, None]
         denominator = denominator * query_factor
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
-        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
-        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
-        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
+                                               d_mask, columns, e_mask, BK, OP)
         causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
         weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
         decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
@@ -238,9 +247,8 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
     g_p, query_factor = query_side_factors(g_base, local_i, q_start, C, HAS_GATE)
     keys_before = q_start // BK * BK
     for k_start in range(0, keys_before, BK):
-        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
-        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
-        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
+                                               d_mask, columns, e_mask, BK, OP)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
         d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
@@ -251,9 +259,8 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
         dq = dq * query_factor[:, None]
     dq = dq * scale
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
-        local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
-        k = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(OP)
-        v = load_tile(v_base, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
+        local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
+                                               d_mask, columns, e_mask, BK, OP)
         causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
