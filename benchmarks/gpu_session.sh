@@ -112,7 +112,7 @@ case "$stage" in
     echo "ratios rc=$?"; grep -E "retention\[triton\]|sdpa" "$OUT/suite_ratios_log.txt" | tail -14
     ;;
   d128-checks)
-    timeout 170 python3 benchmarks/gpu_triton.py --checks-only --only d128 > "$OUT/checks_d128_log.txt" 2>&1
+    timeout 300 python3 benchmarks/gpu_triton.py --checks-only --only d128 > "$OUT/checks_d128_log.txt" 2>&1
     echo "d128 checks rc=$?"; grep -E "^\[|FAIL|Error|checks" "$OUT/checks_d128_log.txt" | cut -c1-160
     ;;
   throughput)
