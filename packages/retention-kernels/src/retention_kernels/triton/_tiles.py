@@ -188,6 +188,17 @@ def causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE: tl.constexpr):
 
 
 @triton.jit
+def diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask, g_base, c, t, C, dims,
+                      d_mask, columns, e_mask, HAS_GATE: tl.constexpr, BK: tl.constexpr, OP: tl.constexpr):
+    """A key tile that reaches into the query rows ``local_i`` -> ``(k, v, causal, decay)``: its keys and values,
+    the causal pairs inside the chunk and the sequence, and their decay (:func:`causal_decay`)."""
+    local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims, d_mask,
+                                           columns, e_mask, BK, OP)
+    causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+    return k, v, causal, causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
+
+
+@triton.jit
 def query_side_factors(g_base, local_i, q_start, C, HAS_GATE: tl.constexpr):
     """The query tile's decay split for the key tiles before it: ``e^{G_i - G_j} = e^{G_i - G_p} e^{G_p - G_j}`` at
     its first row ``p``, both factors at most 1 (log gates <= 0). Returns ``(G_p, e^{G_i - G_p})``."""
@@ -224,11 +235,9 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
         numerator = numerator * query_factor[:, None]
         denominator = denominator * query_factor
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
-        local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
-                                               d_mask, columns, e_mask, BK, OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+        k, v, causal, decay = diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask,
+                                                g_base, c, t, C, dims, d_mask, columns, e_mask, HAS_GATE, BK, OP)
         weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
-        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
         weights = tl.where(causal, weights * decay, 0.0)
         numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
         denominator += tl.sum(weights, axis=1)
@@ -259,13 +268,11 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
         dq = dq * query_factor[:, None]
     dq = dq * scale
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
-        local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
-                                               d_mask, columns, e_mask, BK, OP)
-        causal = (local_i[:, None] >= local_j[None, :]) & q_mask[:, None] & k_mask[None, :]
+        k, v, causal, decay = diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask,
+                                                g_base, c, t, C, dims, d_mask, columns, e_mask, HAS_GATE, BK, OP)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
         d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
-        decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
         d_scores = tl.where(causal, d_scores * decay, 0.0)
         dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
     return dq
