@@ -3,8 +3,10 @@
 Coordinates are split into 16-wide blocks (``d`` padded to ``DP = 16 * NBP``). Feature ``f = 256 P + 16 u + v``
 of block pair ``P = (I, J)``, ``I <= J``, is ``w_P x[16 I + u] x[16 J + v]`` with ``w_P = sqrt(2)`` off the
 diagonal and 1 on it (diagonal blocks hold each off-diagonal product twice, which is what ``(x.y)^2`` needs), so
-``<phi(x), phi(y)> = (x.y)^2`` with ``DI = 256 * NP`` features (2560 for d=64 instead of 2080). A ``[rows, 256]``
-tile of ``phi`` is the broadcast product of two ``[rows, 16]`` loads: it feeds ``tl.dot`` directly.
+``<phi(x), phi(y)> = (x.y)^2`` with ``DI = 256 * NP`` features (2560 for d=64 instead of 2080). A ``[rows, 16 BU]``
+tile of ``phi`` (``BU`` = 16, or 8 for half a block pair: ``_pair_tile``) is the broadcast product of a ``[rows,
+BU]`` and a ``[rows, 16]`` load: it feeds ``tl.dot`` directly. Per-row factors (gates, the query scale) multiply
+the sums after the loop over tiles, not every tile.
 
 The sum of keys is kept as the symmetric ``[DP, DP]`` matrix ``M = sum_j decay_j k_j k_j^T`` (so the
 denominator's state term is ``q^T M q``, one small product). ``function.py`` converts both to and from the
