@@ -199,15 +199,12 @@ def diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, 
 
 
 @triton.jit
-def query_side_factors(g_base, local_i, q_start, C, HAS_GATE: tl.constexpr):
-    """The query tile's decay split for the key tiles before it: ``e^{G_i - G_j} = e^{G_i - G_p} e^{G_p - G_j}`` at
-    its first row ``p``, both factors at most 1 (log gates <= 0). Returns ``(G_p, e^{G_i - G_p})``."""
-    if HAS_GATE:
-        g_p = tl.load(g_base + q_start)
-        g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
-        return g_p, tl.exp(tl.where(local_i < C, g_i - g_p, 0.0))
-    else:
-        return 0.0, 1.0
+def query_factor(g_base, local_i, g_a, C):
+    """The query side of a decay split at a chunk position ``a`` with ``G_a = g_a``, no later than any query row
+    ``local_i`` and no earlier than any key it meets: ``e^{G_i - G_j} = e^{G_i - G_a} e^{G_a - G_j}``, both
+    factors at most 1 (log gates <= 0). Returns ``e^{G_i - G_a}`` (1 for rows past the chunk)."""
+    g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
+    return tl.exp(tl.where(local_i < C, g_i - g_a, 0.0))
 
 
 @triton.jit
@@ -216,12 +213,14 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
                  BK: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr):
     """``(sum_j A_ij v_j, sum_j A_ij)`` over the chunk's keys ``j <= i`` for the ``[BQ, DP]`` query tile ``q``.
 
-    The key tiles before the query tile come first, every pair causal: their decay is ``query_factor_i`` (applied
+    The key tiles before the query tile come first, every pair causal: their decay is a factor per query row (applied
     once to their sums) times a key factor per column, so no ``[BQ, BK]`` decay tile and no masks (padded keys
     load as zeros). The tiles reaching into the query tile follow, with the full causal decay."""
     numerator = tl.zeros((BQ, EP), dtype=tl.float32)
     denominator = tl.zeros((BQ,), dtype=tl.float32)
-    g_p, query_factor = query_side_factors(g_base, local_i, q_start, C, HAS_GATE)
+    if HAS_GATE:  # split at the query tile's first row
+        g_p = tl.load(g_base + q_start)
+        row_factor = query_factor(g_base, local_i, g_p, C)
     keys_before = q_start // BK * BK
     for k_start in range(0, keys_before, BK):
         local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
@@ -232,8 +231,8 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
         numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
         denominator += tl.sum(weights, axis=1)
     if HAS_GATE:
-        numerator = numerator * query_factor[:, None]
-        denominator = denominator * query_factor
+        numerator = numerator * row_factor[:, None]
+        denominator = denominator * row_factor
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
         k, v, causal, decay = diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask,
                                                 g_base, c, t, C, dims, d_mask, columns, e_mask, HAS_GATE, BK, OP)
@@ -253,7 +252,9 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
     ``[BQ, DP]`` (``dn`` an OP tile ``[BQ, EP]``, ``delta`` fp32 ``[BQ]``). Key tiles in the order and with the
     decay split of :func:`intra_output`."""
     dq = tl.zeros((BQ, DP), dtype=tl.float32)
-    g_p, query_factor = query_side_factors(g_base, local_i, q_start, C, HAS_GATE)
+    if HAS_GATE:  # split at the query tile's first row
+        g_p = tl.load(g_base + q_start)
+        row_factor = query_factor(g_base, local_i, g_p, C)
     keys_before = q_start // BK * BK
     for k_start in range(0, keys_before, BK):
         local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
@@ -265,7 +266,7 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
             d_scores = d_scores * tl.exp(g_p - tl.load(g_base + local_j))[None, :]
         dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION)
     if HAS_GATE:
-        dq = dq * query_factor[:, None]
+        dq = dq * row_factor[:, None]
     dq = dq * scale
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
         k, v, causal, decay = diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask,
@@ -276,6 +277,17 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
         d_scores = tl.where(causal, d_scores * decay, 0.0)
         dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
     return dq
+
+
+@triton.jit
+def query_rows(q_base, sq_t, sq_d, DN, dn_stride, DELTA, delta_stride, rows_q, q_mask, b, t, hq, first_head, r,
+               dims, d_mask, columns, e_mask, OP: tl.constexpr):
+    """One query head's rows for the key-side gradients -> ``(q, dn, delta)``: OP tiles of ``q`` and ``dn`` (row
+    ``i`` at ``DN + ((b t + i) hq + query_head) dn_stride``) and fp32 ``delta``, zeros outside ``q_mask``."""
+    q = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
+    grad_rows = (b * t + rows_q).to(tl.int64) * hq + first_head + r
+    dn = load_tile(DN, grad_rows, dn_stride, q_mask, columns, 1, e_mask).to(OP)
+    return q, dn, tl.load(DELTA + grad_rows * delta_stride, mask=q_mask, other=0.0)
 
 
 @triton.jit
@@ -299,7 +311,7 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
     dk = tl.zeros((BK, DP), dtype=tl.float32)
     dv = tl.zeros((BK, EP), dtype=tl.float32)
     column = tl.zeros((BK,), dtype=tl.float32)  # the later tiles' column sums of P, for spanning_finish
-    last_key = tl.minimum(k_start + BK, C) - 1  # the block's last key inside the chunk
+    last_key = tl.minimum(k_start + BK, C) - 1  # the block's last key inside the chunk: the split point
     if HAS_GATE:
         g_a = tl.load(g_base + last_key)
         key_factor = tl.exp(g_a - tl.load(g_base + local_j, mask=local_j < C, other=0.0))  # <= 1
@@ -309,21 +321,18 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
         q_start = k_start + step * BQ
         local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
         if HAS_GATE:
-            g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
-            query_factor = tl.exp(tl.where(local_i < C, g_i - g_a, 0.0))  # <= 1
+            row_factor = query_factor(g_base, local_i, g_a, C)
         spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij / e^{G_a - G_j}, summed over the group
         for r in range(group):
-            q = load_tile(q_base + r * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
-            grad_rows = (b * t + rows_q).to(tl.int64) * hq + head * group + r
-            dn = load_tile(DN, grad_rows, dn_stride, q_mask, columns, 1, e_mask).to(OP)
-            delta = tl.load(DELTA + grad_rows * delta_stride, mask=q_mask, other=0.0)
+            q, dn, delta = query_rows(q_base + r * sq_h, sq_t, sq_d, DN, dn_stride, DELTA, delta_stride, rows_q,
+                                      q_mask, b, t, hq, head * group, r, dims, d_mask, columns, e_mask, OP)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
             d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
             weights = integer_power(scores, DEG)
             d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
             if HAS_GATE:
-                weights = weights * query_factor[:, None]
-                d_scores = d_scores * query_factor[:, None]
+                weights = weights * row_factor[:, None]
+                d_scores = d_scores * row_factor[:, None]
                 spanning += d_weights * weights
             dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
             dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
@@ -342,10 +351,8 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
         decay = causal_decay(g_base, local_i, local_j, causal, C, HAS_GATE)
         spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij = dA_ij A_ij summed over the group
         for r in range(group):
-            q = load_tile(q_base + r * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
-            grad_rows = (b * t + rows_q).to(tl.int64) * hq + head * group + r
-            dn = load_tile(DN, grad_rows, dn_stride, q_mask, columns, 1, e_mask).to(OP)
-            delta = tl.load(DELTA + grad_rows * delta_stride, mask=q_mask, other=0.0)
+            q, dn, delta = query_rows(q_base + r * sq_h, sq_t, sq_d, DN, dn_stride, DELTA, delta_stride, rows_q,
+                                      q_mask, b, t, hq, head * group, r, dims, d_mask, columns, e_mask, OP)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
             weights = tl.where(causal, integer_power(scores, DEG) * decay, 0.0)
             d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]

@@ -55,6 +55,22 @@ def _pair_tile(PAIRS, tile, BU: tl.constexpr):
 
 
 @triton.jit
+def _pair_operands(PAIRS, tile, x_base, rows, sx_t, row_mask, sx_d, d, state_base, e, columns,
+                   BU: tl.constexpr):
+    """The operands of one pair tile's state product -> ``(xi, xj, state_tile, weight, first_i, block_j)``: fp32
+    rows of ``x`` at the tile's ``BU`` ``i`` coordinates and 16 ``j`` coordinates (``phi = _outer(xi * weight,
+    xj)``) and the pointers of the ``[16 BU, e]`` tile of the state ``state_base [DI, e]`` at its features (see
+    :func:`_pair_tile`; the caller loads it where its schedule wants it)."""
+    first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
+    coord_i = first_i + tl.arange(0, BU)
+    coord_j = block_j * 16 + tl.arange(0, 16)
+    xi = load_tile(x_base, rows, sx_t, row_mask, coord_i, sx_d, coord_i < d).to(tl.float32)
+    xj = load_tile(x_base, rows, sx_t, row_mask, coord_j, sx_d, coord_j < d).to(tl.float32)
+    state_tile = state_base + (first_feature + tl.arange(0, BU * 16))[:, None] * e + columns[None, :]
+    return xi, xj, state_tile, weight, first_i, block_j
+
+
+@triton.jit
 def _outer(xi, xj, ROWS: tl.constexpr, BU: tl.constexpr):
     """``[ROWS, BU * 16]`` tile ``xi[:, u] * xj[:, v]`` at column ``16 u + v`` (fp32)."""
     return tl.reshape(xi[:, :, None] * xj[:, None, :], (ROWS, BU * 16))
@@ -249,16 +265,11 @@ def pair_output_kernel(
         inter = tl.zeros((BQ, EP), dtype=tl.float32)
         slot = (b * h + head) * n_chunks + c
         state_base = STATES + slot.to(tl.int64) * DI * e
-        features = tl.arange(0, BU * 16)
         for tile in range(NP * (16 // BU)):
-            first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
-            coord_i = first_i + tl.arange(0, BU)
-            coord_j = block_j * 16 + tl.arange(0, 16)
-            qi = load_tile(q_base, rows_q, sq_t, q_mask, coord_i, sq_d, coord_i < d).to(tl.float32)
-            qj = load_tile(q_base, rows_q, sq_t, q_mask, coord_j, sq_d, coord_j < d).to(tl.float32)
+            qi, qj, state_tile, weight, _, _ = _pair_operands(PAIRS, tile, q_base, rows_q, sq_t, q_mask, sq_d, d,
+                                                              state_base, e, columns, BU)
             phi = _outer(qi * weight, qj, BQ, BU).to(OP)
-            S = tl.load(state_base + (first_feature + features[:, None]) * e + columns[None, :],
-                        mask=e_mask[None, :], other=0.0).to(OP)
+            S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
             inter += tl.dot(phi, S, input_precision=PRECISION)
         square = dims[:, None] * DP + dims[None, :]
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + square)
@@ -316,17 +327,12 @@ def pair_query_grad_kernel(
             query_scale = query_scale * tl.exp(g_i)
         slot = (b * h + head) * n_chunks + c
         state_base = STATES + slot.to(tl.int64) * DI * e
-        features = tl.arange(0, BU * 16)
         acc_i = tl.zeros((BQ, NBP * 16 // BU, BU), dtype=tl.float32)
         acc_j = tl.zeros((BQ, NBP, 16), dtype=tl.float32)
         for tile in range(NP * (16 // BU)):
-            first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
-            coord_i = first_i + tl.arange(0, BU)
-            coord_j = block_j * 16 + tl.arange(0, 16)
-            qi = load_tile(q_base, rows_q, sq_t, q_mask, coord_i, sq_d, coord_i < d).to(tl.float32)
-            qj = load_tile(q_base, rows_q, sq_t, q_mask, coord_j, sq_d, coord_j < d).to(tl.float32)
-            S = tl.load(state_base + (first_feature + features[:, None]) * e + columns[None, :],
-                        mask=e_mask[None, :], other=0.0).to(OP)
+            qi, qj, state_tile, weight, first_i, block_j = _pair_operands(PAIRS, tile, q_base, rows_q, sq_t, q_mask,
+                                                                          sq_d, d, state_base, e, columns, BU)
+            S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
             dphi = tl.dot(dn, tl.trans(S), input_precision=PRECISION) * weight
             acc_i, acc_j = _outer_vjp(acc_i, acc_j, dphi, qi, qj, first_i, block_j, BQ, BU, NBP)
         # the per-row scale once, after the loop: inside it the gates' row vector costs registers in every tile
@@ -382,18 +388,13 @@ def pair_key_state_grad_kernel(
         key_decay = tl.full((BK,), 1.0, tl.float32)
     slot = pid_bh * n_chunks + c
     state_base = DSTATES + slot.to(tl.int64) * DI * e
-    features = tl.arange(0, BU * 16)
     acc_i = tl.zeros((BK, NBP * 16 // BU, BU), dtype=tl.float32)
     acc_j = tl.zeros((BK, NBP, 16), dtype=tl.float32)
     dv = tl.zeros((BK, EP), dtype=tl.float32)
     for tile in range(NP * (16 // BU)):
-        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
-        coord_i = first_i + tl.arange(0, BU)
-        coord_j = block_j * 16 + tl.arange(0, 16)
-        ki = load_tile(k_base, rows_k, sk_t, k_mask, coord_i, sk_d, coord_i < d).to(tl.float32)
-        kj = load_tile(k_base, rows_k, sk_t, k_mask, coord_j, sk_d, coord_j < d).to(tl.float32)
-        dS = tl.load(state_base + (first_feature + features[:, None]) * e + columns[None, :],
-                     mask=e_mask[None, :], other=0.0).to(OP)
+        ki, kj, state_tile, weight, first_i, block_j = _pair_operands(PAIRS, tile, k_base, rows_k, sk_t, k_mask,
+                                                                      sk_d, d, state_base, e, columns, BU)
+        dS = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
         phi = _outer(ki * weight, kj, BK, BU).to(OP)
         dv += tl.dot(phi, dS, input_precision=PRECISION)
         dphi = tl.dot(v, tl.trans(dS), input_precision=PRECISION) * weight
