@@ -1,12 +1,14 @@
 """Where the deg-2 Triton time goes: every kernel of one power_retention fwd+bwd, split and re-tuned.
 
     PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src python3 benchmarks/gpu_kernel_profile.py \
-        [--t 65536] [--b 1] [--heads 8] [--d 64] [--out DIR] [--dry-run]
+        [--t 65536] [--b 1] [--heads 8] [--d 64] [--deg 2] [--no-sweep] [--out DIR] [--dry-run]
 
 Records the launches of one fwd+bwd (bf16, gating on, the default chunk), then replays each one alone (do_bench
 medians) as tuned, with the intra-chunk part only (``NP = 0``: the state loop runs no pair), without the gates'
 work (``HAS_GATE=False``) and under a sweep of explicit configs (block rows, warps, pipeline stages). Prints a
-table, writes ``DIR/gpu_kernel_profile.json``. Replays reuse the recorded buffers: values are not checked here
+table, writes ``DIR/gpu_kernel_profile.json`` (``gpu_kernel_profile_deg<p>.json`` for ``--deg`` other than 2,
+whose kernels are only timed whole: they launch without the tuned lists that the replays use). Also the peak
+memory of one fwd+bwd above its inputs, outputs and gradients (issue 3's target: at most 1 GiB at 64k). Replays reuse the recorded buffers: values are not checked here
 (in-place scans drift), only the times.
 
 --dry-run: tiny fp32 shapes on the CPU under TRITON_INTERPRET=1, to catch mistakes before a device run.
@@ -30,6 +32,8 @@ def parse_args():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--no-sweep", action="store_true", help="each kernel as tuned only (no variants)")
+    parser.add_argument("--deg", type=int, default=2, help="deg 1 / 3 / 4: the whole time and top operations only")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true")
     return parser.parse_args()
@@ -144,16 +148,21 @@ def main():
     dY = randn(b, t, h, d).to(dtype)
 
     def step():
-        Y = power_retention(Q, K, V, log_G, deg=2, chunk_size=chunk, backend="triton")
-        torch.autograd.grad(Y, (Q, K, V, log_G), dY)
+        Y = power_retention(Q, K, V, log_G, deg=ARGS.deg, chunk_size=chunk, backend="triton")
+        return Y, torch.autograd.grad(Y, (Q, K, V, log_G), dY)
 
     step()  # tune and compile
     whole = median_ms(step)
+    memory = peak_memory(step) if device == "cuda" else None
     ops = top_operations(step, device)
-    launches = record_launches(step)
+    launches = record_launches(step) if ARGS.deg == 2 else []
     rows = []
-    print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}  b={b} t={t} h={h} d={d} "
-          f"chunk={chunk or function.default_chunk_size(t, d, 2)}  whole fwd+bwd {whole:.3f} ms", flush=True)
+    print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}  deg={ARGS.deg} b={b} t={t} h={h} d={d} "
+          f"chunk={chunk or function.default_chunk_size(t, d, ARGS.deg)}  whole fwd+bwd {whole:.3f} ms", flush=True)
+    if memory:
+        print("peak memory of one fwd+bwd above inputs, outputs and gradients: {extra_gib:.3f} GiB "
+              "(peak {peak_gib:.3f}, inputs {inputs_gib:.3f}, outputs + gradients {results_gib:.3f})".format(**memory))
+    save(rows, ops, whole, memory, b, t, h, d, device)
     for launch in launches:
         name = name_of(launch)
         tuned_ms = median_ms(functools.partial(function._launch, *(launch[key] for key in (
@@ -164,6 +173,9 @@ def main():
         meta, warps, stages = best if best else (
             {k: function._INTERPRETER_META[k] for k in launch["meta_names"]}, 4, 1)
         variants = []
+        if ARGS.no_sweep:
+            rows.append(row)
+            continue
         names = launch["kernel"].arg_names
         if "BT" not in launch["meta_names"] and "NP" in names and "BK" in names:  # a row kernel with a pair loop
             args = list(launch["args"])
@@ -190,21 +202,41 @@ def main():
             row["variants"].append(dict(variant=label, ms=ms))
             print(f"{'':28s} {label:45s} {'-' if ms is None else f'{ms:8.3f}'}", flush=True)
         rows.append(row)
-        save(rows, ops, whole, b, t, h, d, device)
+        save(rows, ops, whole, memory, b, t, h, d, device)
+    if not rows:
+        return
     total = sum(row["tuned_ms"] for row in rows)
     print(f"sum of tuned kernels {total:.3f} ms (whole {whole:.3f} ms; median of parts "
           f"{statistics.median(row['tuned_ms'] for row in rows):.3f})")
 
 
-def save(rows, ops, whole, b, t, h, d, device):
+def peak_memory(step) -> dict:
+    """Peak CUDA memory of one ``step`` (returning ``Y`` and the input gradients) above what was allocated before
+    it (the inputs) and the size of what it returns, in GiB."""
+    def gib(tensors):
+        return sum(x.numel() * x.element_size() for x in tensors) / 2**30
+
+    torch.cuda.synchronize()
+    inputs = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    Y, grads = step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - inputs) / 2**30
+    results = gib([Y, *grads])
+    return dict(extra_gib=peak - results, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                inputs_gib=inputs / 2**30, results_gib=results)
+
+
+def save(rows, ops, whole, memory, b, t, h, d, device):
     """Rewritten after every kernel, so a run cut short keeps its rows."""
     result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device == "cuda"
                   else "cpu", torch=torch.__version__, triton=triton.__version__, shape=dict(b=b, t=t, h=h, d=d),
-                  whole_fwd_bwd_ms=whole, kernels=rows, top_operations=ops,
+                  deg=ARGS.deg, whole_fwd_bwd_ms=whole, peak_memory=memory, kernels=rows, top_operations=ops,
                   command="python3 benchmarks/gpu_kernel_profile.py " + " ".join(
                       f"--{k} {v}" for k, v in vars(ARGS).items() if k not in ("out", "dry_run") and v))
     os.makedirs(ARGS.out, exist_ok=True)
-    with open(os.path.join(ARGS.out, "gpu_kernel_profile.json"), "w") as handle:
+    name = "gpu_kernel_profile.json" if ARGS.deg == 2 else f"gpu_kernel_profile_deg{ARGS.deg}.json"
+    with open(os.path.join(ARGS.out, name), "w") as handle:
         json.dump(result, handle, indent=1)
 
 

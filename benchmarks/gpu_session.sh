@@ -11,6 +11,7 @@
 #     bash benchmarks/gpu_session.sh short      # issue 3: time the single-chunk calls (t = 1024)
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
 #     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
+#     bash benchmarks/gpu_session.sh profile-lite ratios     # issue 3: deg 2 kernels as tuned, deg 1 whole, memory
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #
@@ -102,7 +103,14 @@ case "$stage" in
   profile)
     # every deg-2 kernel of one fwd+bwd at t = 65536 alone: as tuned, intra-chunk only, without gates, a config sweep
     timeout 290 python3 benchmarks/gpu_kernel_profile.py --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
-    echo "profile rc=$?"; grep -E "tuned|intra|no gates|whole|sum of" "$OUT/gpu_kernel_profile_log.txt"
+    echo "profile rc=$?"; grep -E "tuned|intra|no gates|whole|sum of|peak memory" "$OUT/gpu_kernel_profile_log.txt"
+    ;;
+  profile-lite)
+    # deg 2 as tuned (no variants) and deg 1 whole: times, peak memory above inputs/outputs/gradients, top ops
+    timeout 150 python3 benchmarks/gpu_kernel_profile.py --no-sweep --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
+    echo "profile deg 2 rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_kernel_profile_log.txt" | head -30
+    timeout 90 python3 benchmarks/gpu_kernel_profile.py --deg 1 --out "$OUT" > "$OUT/gpu_kernel_profile_deg1_log.txt" 2>&1
+    echo "profile deg 1 rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_kernel_profile_deg1_log.txt" | head -20
     ;;
   ratios)
     # the standard problem's ratios (d 64, h 8, bf16, gates, b t = 65536) at 4k / 16k / 64k, deg 2 and deg 1
@@ -122,7 +130,7 @@ case "$stage" in
     echo "throughput rc=$?"; tail -12 "$OUT/train_throughput_log.txt"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile ratios d128-checks throughput)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile profile-lite ratios d128-checks throughput)" >&2
     exit 2
     ;;
 esac

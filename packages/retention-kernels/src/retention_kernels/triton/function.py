@@ -26,6 +26,7 @@ import triton.language as tl
 from retention.sympow import sympow_dim, sympow_table
 
 from ._tiles import next_power_of_2
+from . import cotangent
 from .gates import gate_gradient_kernel
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
@@ -130,22 +131,14 @@ def _tables(d: int, deg: int, device: torch.device) -> tuple[torch.Tensor, torch
     return _TABLES[key]
 
 
-def _output_cotangent(dY, Y, den, operand):
-    """``dN' = [dn, delta]`` with ``dn = dy / den`` rounded to the kernels' operand precision and
-    ``delta = -(dn . y)`` computed from that rounded ``dn`` (fp32; both 0 where ``den == 0``).
-
-    Every use is ``dn_i . v_j + delta_i = dn_i . (v_j - y_i)``, which nearly cancels where the weights are peaked
-    (strong gates, large magnitudes); rounding ``dn`` only inside the products (and not in delta) turned its
-    relative rounding error into an absolute one (bf16: dQ, dK relative errors ~0.25 vs 3e-3 for Y)."""
-    inverse = torch.where(den == 0, 0.0, 1.0 / torch.where(den == 0, 1.0, den))
-    dn = dY.float() * inverse[..., None]
+def _output_cotangent(dY, Y, den, operand, dn=None, delta=None):
+    """``(dn, delta)`` of ``cotangent.output_cotangent``, ``dn`` rounded to the kernels' operands: bf16, or for
+    fp16 inputs (fp32 operands on tf32 tensor cores) to tf32."""
     if operand == tl.bfloat16:
-        dn = dn.to(torch.bfloat16)
-    elif dY.dtype == torch.float16:  # fp32 operands on tf32 tensor cores: round to tf32 (10-bit mantissa)
-        bits = dn.view(torch.int32)
-        dn = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-    delta = -(dn.float() * Y.float()).sum(-1)
-    return dn, delta
+        rounding = cotangent.BF16
+    else:
+        rounding = cotangent.TF32 if Y.dtype == torch.float16 else cotangent.NO_ROUNDING
+    return cotangent.output_cotangent(dY, Y, den, rounding, dn, delta)
 
 
 def _local_gates(log_G: torch.Tensor | None, plan: _Plan, b: int, h: int, device) -> torch.Tensor:
@@ -271,8 +264,8 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     D = plan.D
 
     # dN' = [dy / den, -(dy . y) / den]  [b, t, hq, e + 1], 0 where the denominator is exactly 0 (y = 0 there).
-    dn, delta = _output_cotangent(dY, Y, den, plan.operand)
-    dN = torch.cat([dn.float(), delta[..., None]], dim=-1)
+    dN = _new(b, t, hq, e + 1, device=device)
+    _output_cotangent(dY, Y, den, plan.operand, dN[..., :e], dN[..., e])
 
     # Slot c: dS'_c, the gradient of the state entering chunk c (slot n: of the final state; slot 0: initial).
     d_states = _new(b, h, plan.n + 1, D, e, device=device)
@@ -772,6 +765,16 @@ def _to_minimal(layout, internal, M):
     return state, (flat[..., layout.z_index1] + flat[..., layout.z_index2]) * layout.z_coef
 
 
+def _minimal_or_undefined(layout, internal, M, wanted: bool):
+    """``_to_minimal(layout, internal, M)`` where ``wanted``; else uninitialised tensors of its shapes (nobody
+    reads them: a final state not asked for, the gradient of an initial state not given)."""
+    if wanted:
+        return _to_minimal(layout, internal, M)
+    b, h, _, e = internal.shape
+    D = layout.coef1.shape[0]
+    return _new(b, h, D, e, device=internal.device), _new(b, h, D, device=internal.device)
+
+
 # The states cross these ops in the minimal layout (converted inside, so the graph sees no table building).
 @torch.library.custom_op("retention_kernels::pair_retention_fwd", mutates_args=())
 def _pair_forward_op(
@@ -786,7 +789,7 @@ def _pair_forward_op(
         init, init_M = _to_internal(layout, state, keys)
     Y, den, final, final_M, states, Ms, G = _pair_forward(Q, K, V, log_G, init, init_M, scale, chunk_size,
                                                           need_final_state)
-    final_state, final_keys = _to_minimal(layout, final, final_M)
+    final_state, final_keys = _minimal_or_undefined(layout, final, final_M, need_final_state)
     return Y, den, final_state, final_keys, states, Ms, G
 
 
@@ -824,7 +827,7 @@ def _pair_backward_op(
     dQ, dK, dV, d_log_G, d_init, d_init_M = _pair_backward(
         dY, d_final, d_final_M, Q, K, V, log_G, G, Y, den, states, Ms, has_state, scale, chunk_size,
     )
-    d_state0, d_keys0 = _to_minimal(layout, d_init, d_init_M)
+    d_state0, d_keys0 = _minimal_or_undefined(layout, d_init, d_init_M, has_state)
     if d_log_G is None:
         d_log_G = Q.new_empty(0, dtype=torch.float32)
     return dQ, dK, dV, d_log_G, d_state0, d_keys0
