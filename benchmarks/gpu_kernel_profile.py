@@ -1,7 +1,7 @@
 """Where the deg-2 Triton time goes: every kernel of one power_retention fwd+bwd, split and re-tuned.
 
     PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src python3 benchmarks/gpu_kernel_profile.py \
-        [--t 65536] [--b 1] [--heads 8] [--d 64] [--deg 2] [--no-sweep] [--out DIR] [--dry-run]
+        [--t 65536] [--b 1] [--heads 8] [--d 64] [--deg 2] [--no-sweep] [--strided] [--out DIR] [--dry-run]
 
 Records the launches of one fwd+bwd (bf16, gating on, the default chunk), then replays each one alone (do_bench
 medians) as tuned, with the intra-chunk part only (``NP = 0``: the state loop runs no pair), without the gates'
@@ -32,6 +32,8 @@ def parse_args():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--strided", action="store_true",
+                        help="Q, K, V as views of one [b, t, 3 h, d] projection, as retention_train's model passes them")
     parser.add_argument("--no-sweep", action="store_true", help="each kernel as tuned only (no variants)")
     parser.add_argument("--deg", type=int, default=2, help="deg 1 / 3 / 4: the whole time and top operations only")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -143,7 +145,10 @@ def main():
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device)
 
-    Q, K, V = (randn(b, t, h, d).to(dtype).requires_grad_() for _ in range(3))
+    if ARGS.strided:
+        Q, K, V = randn(b, t, 3 * h, d).to(dtype).requires_grad_().split(h, dim=2)
+    else:
+        Q, K, V = (randn(b, t, h, d).to(dtype).requires_grad_() for _ in range(3))
     log_G = torch.nn.functional.logsigmoid(randn(b, t, h) + 4.0).requires_grad_()
     dY = randn(b, t, h, d).to(dtype)
 
@@ -230,12 +235,13 @@ def peak_memory(step) -> dict:
 def save(rows, ops, whole, memory, b, t, h, d, device):
     """Rewritten after every kernel, so a run cut short keeps its rows."""
     result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device == "cuda"
-                  else "cpu", torch=torch.__version__, triton=triton.__version__, shape=dict(b=b, t=t, h=h, d=d),
+                  else "cpu", torch=torch.__version__, triton=triton.__version__, shape=dict(b=b, t=t, h=h, d=d, strided=ARGS.strided),
                   deg=ARGS.deg, whole_fwd_bwd_ms=whole, peak_memory=memory, kernels=rows, top_operations=ops,
                   command="python3 benchmarks/gpu_kernel_profile.py " + " ".join(
                       f"--{k} {v}" for k, v in vars(ARGS).items() if k not in ("out", "dry_run") and v))
     os.makedirs(ARGS.out, exist_ok=True)
-    name = "gpu_kernel_profile.json" if ARGS.deg == 2 else f"gpu_kernel_profile_deg{ARGS.deg}.json"
+    name = "gpu_kernel_profile" + ("" if ARGS.deg == 2 else f"_deg{ARGS.deg}") + (f"_t{t}_h{h}" if ARGS.strided else "")
+    name += ".json"
     with open(os.path.join(ARGS.out, name), "w") as handle:
         json.dump(result, handle, indent=1)
 

@@ -10,12 +10,14 @@
 #     bash benchmarks/gpu_session.sh large      # issue 3: deg 3/4 kernels at states past 2**31 elements
 #     bash benchmarks/gpu_session.sh short      # issue 3: time the single-chunk calls (t = 1024)
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
+#     bash benchmarks/gpu_session.sh checks:deg1,t3000       # issue 3: the checks whose names contain deg1 or t3000
 #     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
-#     bash benchmarks/gpu_session.sh profile-lite ratios     # issue 3: deg 2 kernels as tuned, deg 1 whole, memory
+#     bash benchmarks/gpu_session.sh profile-lite ratios     # issue 3: deg 2 kernels as tuned at 64k and 16k, memory
+#     bash benchmarks/gpu_session.sh profile1                # issue 3: deg 1's whole time, memory, top operations
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #
-# Then copy $OUT's files into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
+# Then unpack $OUT/results.tar.gz into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 #
 # Compiling and autotuning take most of a fresh machine's time. The Triton cache (compiled kernels, autotune
 # results) comes back as $OUT/triton-cache.tar.gz (when under 16 MB and the stages left room among the 8 files a
@@ -31,106 +33,130 @@ mkdir -p "$TRITON_CACHE_DIR"
 if [ -f dist/triton-cache.tar.gz ] && tar -xzf dist/triton-cache.tar.gz -C "$TRITON_CACHE_DIR"; then
   echo "triton cache restored: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
 fi
-save_cache() {
+finish() {
+  # A device call returns at most 8 files: on the device ($OUT not the repo's results folder) the results travel
+  # as one results.tar.gz, beside the Triton cache.
+  if [ "$OUT" != benchmarks/results ] && [ -n "$(ls -A "$OUT")" ]; then
+    tar -czf /tmp/gpu-session-results.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu-session-results.tar.gz "$OUT/results.tar.gz"
+  fi
   [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] || { echo "triton cache not returned: 8 result files already"; return; }
   tar -czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
   if [ "$(stat -c %s "$OUT/triton-cache.tar.gz" 2>/dev/null || echo 0)" -gt 16000000 ]; then
     rm -f "$OUT/triton-cache.tar.gz"; echo "triton cache over 16 MB: not returned"
   fi
 }
-trap save_cache EXIT
+trap finish EXIT
+# One device call runs at most 600 s: every stage's timeout is cut to what is left of GPU_SESSION_BUDGET seconds
+# (stages that would get less than 30 s are skipped), so a call that asks for too much still ends in time to
+# return its files.
+BUDGET=${GPU_SESSION_BUDGET:-570}
+limit() { local left=$((BUDGET - SECONDS)); echo $(( $1 < left ? $1 : left )); }
 
 [ $# -gt 0 ] || set -- help
 for stage in "$@"; do
+if [ "$(limit 30)" -lt 30 ]; then echo "stage $stage skipped: the call's budget is spent"; continue; fi
 case "$stage" in
   decode)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider packages/retention-core/tests/test_cache.py -k gpu \
+    timeout "$(limit 200)" python3 -m pytest -q -p no:cacheprovider packages/retention-core/tests/test_cache.py -k gpu \
       packages/retention-kernels/tests/test_decode.py > "$OUT/gpu_cache_tests.log" 2>&1
     echo "decode tests rc=$?"; tail -3 "$OUT/gpu_cache_tests.log"
-    timeout 330 python3 benchmarks/gpu_decode.py --out "$OUT" > "$OUT/gpu_decode_log.txt" 2>&1
+    timeout "$(limit 330)" python3 benchmarks/gpu_decode.py --out "$OUT" > "$OUT/gpu_decode_log.txt" 2>&1
     echo "gpu_decode rc=$?"; tail -20 "$OUT/gpu_decode_log.txt"
     ;;
   checks)
-    timeout 560 python3 benchmarks/gpu_triton.py --checks-only --json "$OUT/gpu_triton_checks.json" \
+    timeout "$(limit 560)" python3 benchmarks/gpu_triton.py --checks-only --json "$OUT/gpu_triton_checks.json" \
       > "$OUT/gpu_triton_checks_log.txt" 2>&1
     echo "checks rc=$?"; grep -E "FAIL|Error" "$OUT/gpu_triton_checks_log.txt" | head; tail -25 "$OUT/gpu_triton_checks_log.txt"
     ;;
   suite1)
     # the standard problem (deg 2, d 64) and deg 1, every pass and length, the decode suite and the breakdown
-    timeout 580 python3 benchmarks/suite.py --degs 2,1 --head-dims 64 --tag part1 --time-budget 520 --out "$OUT" \
+    timeout "$(limit 580)" python3 benchmarks/suite.py --degs 2,1 --head-dims 64 --tag part1 --time-budget 520 --out "$OUT" \
       > "$OUT/suite-part1-log.txt" 2>&1
     echo "suite part 1 rc=$?"; tail -6 "$OUT/suite-part1-log.txt"
     ;;
   suite2)
     # the rest of the protocol (d 32 / 128, deg 4), keeping part 1's rows: carry part 1's JSON in dist/
     part1=$(ls dist/*-part1.json | tail -1)
-    timeout 580 python3 benchmarks/suite.py --degs 2,1,4 --head-dims 64,32,128 --extend "$part1" --no-decode \
+    timeout "$(limit 580)" python3 benchmarks/suite.py --degs 2,1,4 --head-dims 64,32,128 --extend "$part1" --no-decode \
       --no-breakdown --time-budget 540 --out "$OUT" > "$OUT/suite-log.txt" 2>&1
     echo "suite rc=$?"; tail -6 "$OUT/suite-log.txt"
     ;;
   short)
     # issue 3: the single-chunk calls (t = 1024 = the default chunk) that now skip the state passes, deg 2 at
     # d 64 and 128 (before: 3.0 / 16.0 ms fwd, 12.8 / 57.4 ms fwd+bwd in nvidia-h200-2026-11-22.json)
-    timeout 300 python3 benchmarks/suite.py --quick --methods 'retention[triton],sdpa[cudnn]' --degs 2 \
+    timeout "$(limit 300)" python3 benchmarks/suite.py --quick --methods 'retention[triton],sdpa[cudnn]' --degs 2 \
       --head-dims 64,128 --contexts 1024 --passes fwd,bwd,fwd+bwd --no-decode --no-breakdown --no-plots \
       --tag short --out "$OUT" > "$OUT/suite_short_log.txt" 2>&1
     echo "short rc=$?"; grep -E "retention\[triton\]" "$OUT/suite_short_log.txt" | tail -6
     ;;
   large)
     # issue 3: the minimal-layout kernels (deg 3/4) at states past 2**31 elements, one process per case
-    timeout 430 python3 benchmarks/gpu_large_state.py --variants --out "$OUT" > "$OUT/gpu_large_state_log.txt" 2>&1
+    timeout "$(limit 430)" python3 benchmarks/gpu_large_state.py --variants --out "$OUT" > "$OUT/gpu_large_state_log.txt" 2>&1
     echo "large states rc=$?"; cut -c1-220 "$OUT/gpu_large_state_log.txt" | tail -40
     ;;
   span-checks)
     # the gate-gradient spanning sums by a row scan: the strong-gate checks
-    RETENTION_TRITON_SPAN=scan timeout 250 python3 benchmarks/gpu_triton.py --checks-only --quick \
+    RETENTION_TRITON_SPAN=scan timeout "$(limit 250)" python3 benchmarks/gpu_triton.py --checks-only --quick \
       > "$OUT/span_scan_checks_log.txt" 2>&1
     echo "scan checks rc=$?"; grep -E "FAIL|Error|dlog_G strict" "$OUT/span_scan_checks_log.txt" | head -20
     ;;
   span-time)
     # ... and its time against the ones-matrix product (deg 2 at 64k, fwd and fwd+bwd)
     for mode in dot scan; do
-      RETENTION_TRITON_SPAN=$mode timeout 150 python3 benchmarks/suite.py --quick --methods 'retention[triton]' \
+      RETENTION_TRITON_SPAN=$mode timeout "$(limit 150)" python3 benchmarks/suite.py --quick --methods 'retention[triton]' \
         --degs 2 --contexts 65536 --no-decode --no-breakdown --tag "span-$mode" --out "/tmp/span-$mode" \
         > "$OUT/span_${mode}_log.txt" 2>&1
       echo "span=$mode rc=$?"; grep -E "retention\[triton\]" "$OUT/span_${mode}_log.txt" | tail -4
     done
     ;;
+  checks:*)
+    # the checks whose names contain one of the comma-separated parts, e.g. checks:deg1,t3000 (no compile check)
+    timeout "$(limit 200)" python3 benchmarks/gpu_triton.py --checks-only --no-compile --only "${stage#checks:}" \
+      > "$OUT/checks_only_log.txt" 2>&1
+    echo "checks ${stage#checks:} rc=$?"; grep -E "^\[|FAIL|Error|checks" "$OUT/checks_only_log.txt" | cut -c1-200
+    ;;
   quick-checks)
-    timeout 350 python3 benchmarks/gpu_triton.py --checks-only --quick > "$OUT/checks_quick_log.txt" 2>&1
+    timeout "$(limit 350)" python3 benchmarks/gpu_triton.py --checks-only --quick > "$OUT/checks_quick_log.txt" 2>&1
     echo "quick checks rc=$?"; grep -E "FAIL|Error" "$OUT/checks_quick_log.txt" | head; tail -4 "$OUT/checks_quick_log.txt"
     ;;
   profile)
     # every deg-2 kernel of one fwd+bwd at t = 65536 alone: as tuned, intra-chunk only, without gates, a config sweep
-    timeout 290 python3 benchmarks/gpu_kernel_profile.py --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
+    timeout "$(limit 290)" python3 benchmarks/gpu_kernel_profile.py --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
     echo "profile rc=$?"; grep -E "tuned|intra|no gates|whole|sum of|peak memory" "$OUT/gpu_kernel_profile_log.txt"
     ;;
   profile-lite)
-    # deg 2 as tuned (no variants) and deg 1 whole: times, peak memory above inputs/outputs/gradients, top ops
-    timeout 150 python3 benchmarks/gpu_kernel_profile.py --no-sweep --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
+    # deg 2 kernels as tuned (no variants): times, peak memory above inputs/outputs/gradients, top torch ops; at
+    # t = 65536 (h 8), then at issue 8's training shape (t 16384, h 12, Q/K/V views of one projection)
+    timeout "$(limit 150)" python3 benchmarks/gpu_kernel_profile.py --no-sweep --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
     echo "profile deg 2 rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_kernel_profile_log.txt" | head -30
-    timeout 90 python3 benchmarks/gpu_kernel_profile.py --deg 1 --out "$OUT" > "$OUT/gpu_kernel_profile_deg1_log.txt" 2>&1
+    timeout "$(limit 90)" python3 benchmarks/gpu_kernel_profile.py --no-sweep --strided --t 16384 --heads 12 --out "$OUT" \
+      > "$OUT/gpu_kernel_profile_t16384_h12_log.txt" 2>&1
+    echo "profile 16k rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_kernel_profile_t16384_h12_log.txt" | head -30
+    ;;
+  profile1)
+    # deg 1 at t = 65536: the whole fwd+bwd, its peak memory and the top operations
+    timeout "$(limit 90)" python3 benchmarks/gpu_kernel_profile.py --deg 1 --out "$OUT" > "$OUT/gpu_kernel_profile_deg1_log.txt" 2>&1
     echo "profile deg 1 rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_kernel_profile_deg1_log.txt" | head -20
     ;;
   ratios)
     # the standard problem's ratios (d 64, h 8, bf16, gates, b t = 65536) at 4k / 16k / 64k, deg 2 and deg 1
-    timeout 230 python3 benchmarks/suite.py --quick --methods 'retention[triton],sdpa[cudnn]' --degs 2,1 \
+    timeout "$(limit 230)" python3 benchmarks/suite.py --quick --methods 'retention[triton],sdpa[cudnn]' --degs 2,1 \
       --head-dims 64 --contexts 4096,16384,65536 --passes fwd,fwd+bwd --no-decode --no-breakdown --no-plots \
-      --time-budget 200 --tag ratios --out "$OUT" > "$OUT/suite_ratios_log.txt" 2>&1
+      --time-budget "$(( $(limit 230) - 30 ))" --tag ratios --out "$OUT" > "$OUT/suite_ratios_log.txt" 2>&1
     echo "ratios rc=$?"; grep -E "retention\[triton\]|sdpa" "$OUT/suite_ratios_log.txt" | tail -14
     ;;
   d128-checks)
-    timeout 300 python3 benchmarks/gpu_triton.py --checks-only --only d128 > "$OUT/checks_d128_log.txt" 2>&1
+    timeout "$(limit 300)" python3 benchmarks/gpu_triton.py --checks-only --only d128 > "$OUT/checks_d128_log.txt" 2>&1
     echo "d128 checks rc=$?"; grep -E "^\[|FAIL|Error|checks" "$OUT/checks_d128_log.txt" | cut -c1-160
     ;;
   throughput)
     # issue 8: the 12-layer 768-wide GPT at context 16k, sdpa against power deg 1 / deg 2 (and deg 2 at chunk 512)
-    timeout 240 python3 benchmarks/train_gpu.py throughput --sweep_deg1 256 --sweep_deg2 512 --out "$OUT" \
+    timeout "$(limit 240)" python3 benchmarks/train_gpu.py throughput --sweep_deg1 256 --sweep_deg2 512 --out "$OUT" \
       > "$OUT/train_throughput_log.txt" 2>&1
     echo "throughput rc=$?"; tail -12 "$OUT/train_throughput_log.txt"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks suite1 suite2 short large span-checks span-time quick-checks profile profile-lite ratios d128-checks throughput)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput)" >&2
     exit 2
     ;;
 esac

@@ -5,6 +5,10 @@ whole backward is checked against the float64 oracle in test_triton_training.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -57,3 +61,29 @@ def test_output_cotangent_matches_torch(layout, rounding, e, interpreter):
     torch.testing.assert_close(dn.float().cpu(), dn_ref, rtol=0, atol=0)
     assert (delta.cpu()[0, :5] == 0).all()
     torch.testing.assert_close(delta.double().cpu(), delta_ref, rtol=1e-5, atol=1e-6)
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from retention_kernels.triton import cotangent
+
+kernel = cotangent.output_cotangent_kernel
+for rounding, dn in ((cotangent.BF16, "*bf16"), (cotangent.TF32, "*fp32"), (cotangent.NO_ROUNDING, "*fp32")):
+    constants = dict(ROUNDING=rounding, BR=64, EP=64)
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update(DY="*bf16", Y="*bf16", DEN="*fp32", DN=dn, DELTA="*fp32", **{k: "constexpr" for k in constants})
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+print("compiled")
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """The interpreter does not type-check like the compiler (the bit arithmetic): compile every rounding for
+    sm_90 without a GPU (triton's bundled ptxas), in a process where the kernel is not interpreted."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled" in result.stdout

@@ -36,6 +36,8 @@ def sympow_tile(x, IDX, W, a, a_mask, DEG: tl.constexpr, DP: tl.constexpr, OP: t
     """``phi(x)[:, a]`` as an fp32 ``[rows, BD]`` tile, ``w[a] * prod_l x[:, idx[a, l]]``, from a ``[rows, DP]``
     tile ``x`` (OP dtype) already in registers (0 for masked features)."""
     phi = tl.load(W + a, mask=a_mask, other=0.0)[None, :]
+    if DEG == 1 and a.shape[0] == DP:  # phi(x) = w x and the tile is the only one (BD = DP >= D): no selection
+        return phi * x.to(tl.float32)
     for l in tl.static_range(DEG):
         phi = phi * select(x, IDX, a, a_mask, l, DEG, DP, OP, PRECISION)
     return phi
@@ -50,6 +52,8 @@ def sympow_vjp(acc, dphi, x, IDX, W, a, a_mask,
     coefficients are scattered onto the coordinates by a product with the one-hot matrix of ``idx[:, l]``.
     """
     weighted = dphi * tl.load(W + a, mask=a_mask, other=0.0)[None, :]
+    if DEG == 1 and a.shape[0] == DP:  # J_phi = w I on the only tile (see sympow_tile)
+        return acc + weighted
     columns = tl.arange(0, DP)
     for l in tl.static_range(DEG):
         coefficient = weighted
