@@ -11,6 +11,7 @@
 #     bash benchmarks/gpu_session.sh short      # issue 3: time the single-chunk calls (t = 1024)
 #     bash benchmarks/gpu_session.sh span-checks span-time   # issue 3: RETENTION_TRITON_SPAN=scan vs dot
 #     bash benchmarks/gpu_session.sh checks:deg1,t3000       # issue 3: the checks whose names contain deg1 or t3000
+#     bash benchmarks/gpu_session.sh compile                 # issue 3: the torch.compile(fullgraph=True) checks
 #     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
 #     bash benchmarks/gpu_session.sh profile-lite ratios     # issue 3: deg 2 kernels as tuned at 64k and 16k, memory
 #     bash benchmarks/gpu_session.sh profile1                # issue 3: deg 1's whole time, memory, top operations
@@ -115,6 +116,11 @@ case "$stage" in
       > "$OUT/checks_only_log.txt" 2>&1
     echo "checks ${stage#checks:} rc=$?"; grep -E "^\[|FAIL|Error|checks" "$OUT/checks_only_log.txt" | cut -c1-200
     ;;
+  compile)
+    # the torch.compile(fullgraph=True) checks alone (no check name contains "torch.compile")
+    timeout "$(limit 200)" python3 benchmarks/gpu_triton.py --checks-only --only torch.compile > "$OUT/compile_log.txt" 2>&1
+    echo "compile rc=$?"; grep -E "^\[|checks" "$OUT/compile_log.txt" | cut -c1-200
+    ;;
   quick-checks)
     timeout "$(limit 350)" python3 benchmarks/gpu_triton.py --checks-only --quick > "$OUT/checks_quick_log.txt" 2>&1
     echo "quick checks rc=$?"; grep -E "FAIL|Error" "$OUT/checks_quick_log.txt" | head; tail -4 "$OUT/checks_quick_log.txt"
@@ -156,7 +162,7 @@ case "$stage" in
     echo "throughput rc=$?"; tail -12 "$OUT/train_throughput_log.txt"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput)" >&2
     exit 2
     ;;
 esac

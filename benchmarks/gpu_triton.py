@@ -257,7 +257,9 @@ def finish_correctness(ok, gate_errors):
     return ok
 
 
-def compile_check(results):
+def compile_check(results) -> bool:
+    """``torch.compile(fullgraph=True)`` fwd+bwd, through the custom ops alone and through the public API, against
+    eager; True when both match."""
     inp = random_inputs(b=1, t=size(1000, 24), hq=2, h=2, d=size(64, 16), dtype=torch.bfloat16,
                         device="cpu" if DRY_RUN else "cuda", deg=2, requires_grad=True)
 
@@ -272,6 +274,7 @@ def compile_check(results):
         return power_retention_triton(Q, K, V, log_G, chunk_size=chunk)[0].float().square().sum()
 
     args = [inp["Q"], inp["K"], inp["V"], inp["log_G"]]
+    ok = True
     for label, loss in (("torch.compile fullgraph (custom ops)", g), ("torch.compile fullgraph", f)):
         try:
             grads = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args), args)
@@ -279,9 +282,12 @@ def compile_check(results):
             err = max(relative_error(a, b) for a, b in zip(grads, eager))
             log(f"[{'PASS' if err < 1e-3 else 'FAIL'}] {label} fwd+bwd, max rel diff vs eager {err:.1e}")
             results.append({"check": label, "pass": err < 1e-3, "diff": err})
+            ok &= err < 1e-3
         except Exception as error:  # report, keep timing
             log(f"[FAIL] {label}: {type(error).__name__}: {str(error)[:400]}")
             results.append({"check": label, "pass": False, "error": str(error)[:400]})
+            ok = False
+    return ok
 
 
 def profile(deg=2, t=65536, chunk=None):
@@ -389,7 +395,7 @@ def main():
         ok = correctness(args.quick, results)
         function.AUTOTUNE = True
         if not args.no_compile:
-            compile_check(results)
+            ok &= compile_check(results)
         log(f"checks {'all PASS' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
     if DRY_RUN or args.checks_only:
         if args.json:

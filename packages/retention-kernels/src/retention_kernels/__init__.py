@@ -11,13 +11,16 @@ _TRITON_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 MAX_DEG = 4
 
 
+# Looked up once: torch.compile traces the dispatch, and Dynamo (torch 2.11) refuses to trace importlib's find_spec.
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_supports(problem) -> str | None:
     """None when the Triton backend can run ``problem``, else the reason it cannot."""
-    if importlib.util.find_spec("triton") is None:
+    if not _HAVE_TRITON:
         return "the triton backend needs triton (pip install triton)"
     device = problem.device
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type != "cuda" and not (device.type == "cpu" and interpreted):
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"the triton backend runs on CUDA tensors (CPU only with TRITON_INTERPRET=1), got device {device}"
     if str(problem.Q.dtype) not in _TRITON_DTYPES:
         return f"the triton backend supports fp16, bf16 and fp32 inputs, got {problem.Q.dtype}"
