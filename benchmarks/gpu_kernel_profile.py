@@ -8,8 +8,8 @@ medians) as tuned, with the intra-chunk part only (``NP = 0``: the state loop ru
 work (``HAS_GATE=False``) and under a sweep of explicit configs (block rows, warps, pipeline stages). Prints a
 table, writes ``DIR/gpu_kernel_profile.json`` (``gpu_kernel_profile_deg<p>.json`` for ``--deg`` other than 2,
 whose kernels are only timed whole: they launch without the tuned lists that the replays use). Also the peak
-memory of one fwd+bwd above its inputs, outputs and gradients (issue 3's target: at most 1 GiB at 64k). Replays reuse the recorded buffers: values are not checked here
-(in-place scans drift), only the times.
+memory of one fwd+bwd above its inputs, outputs and gradients (issue 3's target: at most 1 GiB at 64k).
+Replays reuse the recorded buffers: values are not checked here (in-place scans drift), only the times.
 
 --dry-run: tiny fp32 shapes on the CPU under TRITON_INTERPRET=1, to catch mistakes before a device run.
 """
@@ -33,7 +33,7 @@ def parse_args():
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=None)
     parser.add_argument("--strided", action="store_true",
-                        help="Q, K, V as views of one [b, t, 3 h, d] projection, as retention_train's model passes them")
+                        help="Q, K, V as views of one [b, t, 3 h, d] projection (retention_train's model's layout)")
     parser.add_argument("--no-sweep", action="store_true", help="each kernel as tuned only (no variants)")
     parser.add_argument("--deg", type=int, default=2, help="deg 1 / 3 / 4: the whole time and top operations only")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -235,13 +235,14 @@ def peak_memory(step) -> dict:
 def save(rows, ops, whole, memory, b, t, h, d, device):
     """Rewritten after every kernel, so a run cut short keeps its rows."""
     result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device == "cuda"
-                  else "cpu", torch=torch.__version__, triton=triton.__version__, shape=dict(b=b, t=t, h=h, d=d, strided=ARGS.strided),
+                  else "cpu", torch=torch.__version__, triton=triton.__version__,
+                  shape=dict(b=b, t=t, h=h, d=d, strided=ARGS.strided),
                   deg=ARGS.deg, whole_fwd_bwd_ms=whole, peak_memory=memory, kernels=rows, top_operations=ops,
                   command="python3 benchmarks/gpu_kernel_profile.py " + " ".join(
                       f"--{k} {v}" for k, v in vars(ARGS).items() if k not in ("out", "dry_run") and v))
     os.makedirs(ARGS.out, exist_ok=True)
-    name = "gpu_kernel_profile" + ("" if ARGS.deg == 2 else f"_deg{ARGS.deg}") + (f"_t{t}_h{h}" if ARGS.strided else "")
-    name += ".json"
+    name = "gpu_kernel_profile" + ("" if ARGS.deg == 2 else f"_deg{ARGS.deg}")
+    name += (f"_t{t}_h{h}" if ARGS.strided else "") + ".json"
     with open(os.path.join(ARGS.out, name), "w") as handle:
         json.dump(result, handle, indent=1)
 

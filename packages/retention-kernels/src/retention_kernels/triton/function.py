@@ -25,8 +25,8 @@ import triton.language as tl
 
 from retention.sympow import sympow_dim, sympow_table
 
-from ._tiles import next_power_of_2
 from . import cotangent
+from ._tiles import next_power_of_2
 from .gates import gate_gradient_kernel
 from .grads import key_value_grad_kernel, query_grad_kernel
 from .output import output_kernel
