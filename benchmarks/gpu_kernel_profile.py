@@ -57,6 +57,8 @@ ROW_SWEEP = [  # meta parameters a kernel does not take are dropped (BU: the pai
     (dict(BQ=64, BK=64, BU=8), 4, 1), (dict(BQ=64, BK=64, BU=8), 4, 2), (dict(BQ=64, BK=64, BU=8), 4, 3),
     (dict(BQ=64, BK=64, BU=8), 8, 2), (dict(BQ=128, BK=64, BU=8), 8, 2), (dict(BQ=128, BK=128, BU=8), 8, 2),
     (dict(BQ=64, BK=32, BU=16), 4, 2), (dict(BQ=32, BK=64, BU=16), 4, 2),
+    # two warpgroups on 128 rows (flash-attention's usual Hopper shape), not yet measured
+    (dict(BQ=128, BK=64, BU=16), 8, 2), (dict(BQ=128, BK=64, BU=8), 8, 3), (dict(BQ=128, BK=64, BU=8), 8, 1),
 ]
 STATE_SWEEP = [
     (dict(BT=64, BU=8, PHI_T=True), 4, 3), (dict(BT=64, BU=16, PHI_T=True), 8, 3),
