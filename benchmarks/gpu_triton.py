@@ -37,6 +37,7 @@ FACTOR, FLOOR = 3.0, 1e-4
 NAMES = ("Q", "K", "V", "log_G", "initial_state", "sum_of_keys")
 DRY_RUN = os.environ.get("TRITON_INTERPRET") == "1"
 ONLY = ()  # --only: the checks whose names contain one of these (the rest are skipped)
+EXCLUDE = ()  # --exclude: the checks whose names contain one of these are skipped
 
 
 def size(full, tiny):
@@ -105,7 +106,7 @@ def check(name, inputs, deg, chunk_size=None, oracle="quadratic", baseline_error
     ``strict_gates``: also report d log_G against a bound the plain formula cannot set under strong gates (its
     own d log_G is then rounding: a cancelling reverse cumulative sum), ``FACTOR * max(unit roundoff, error of the
     float64 oracle fed dY rounded to the output dtype) + FLOOR`` (informational, not part of PASS)."""
-    if ONLY and not any(part in name for part in ONLY):
+    if (ONLY and not any(part in name for part in ONLY)) or any(part in name for part in EXCLUDE):
         return True, None
     t0 = time.time()
     dtype = inputs["Q"].dtype
@@ -374,11 +375,13 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile checks")
     parser.add_argument("--checks-only", action="store_true", help="no timing")
     parser.add_argument("--only", default="", help="comma-separated parts of check names: run only those checks")
+    parser.add_argument("--exclude", default="", help="comma-separated parts of check names: skip those checks")
     parser.add_argument("--dry-run", action="store_true",
                         help="the checks at tiny sizes on the CPU under TRITON_INTERPRET=1, no timing")
     args = parser.parse_args()
-    global ONLY
+    global ONLY, EXCLUDE
     ONLY = tuple(part for part in args.only.split(",") if part)
+    EXCLUDE = tuple(part for part in args.exclude.split(",") if part)
     torch.manual_seed(0)
     device = "cpu (TRITON_INTERPRET=1)" if DRY_RUN else torch.cuda.get_device_properties(0).name
     info = dict(device=device, torch=torch.__version__, triton=triton.__version__,
