@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,3 +37,16 @@ def interpreter(monkeypatch):
         return "cuda"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return "cpu"
+
+
+@pytest.fixture
+def run_compiled():
+    """``run_compiled(*args, timeout=600)`` runs ``python *args`` in a process where the Triton kernels compile
+    (``TRITON_INTERPRET`` unset): the compiler type-checks what the interpreter lets through. Returns the
+    ``subprocess.CompletedProcess`` (text output captured)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+
+    def run(*args, timeout=600):
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

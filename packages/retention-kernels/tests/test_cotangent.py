@@ -5,10 +5,6 @@ whole backward is checked against the float64 oracle in test_triton_training.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -80,10 +76,9 @@ print("compiled")
 """
 
 
-def test_kernel_compiles_for_hopper():
+def test_kernel_compiles_for_hopper(run_compiled):
     """The interpreter does not type-check like the compiler (the bit arithmetic): compile every rounding for
     sm_90 without a GPU (triton's bundled ptxas), in a process where the kernel is not interpreted."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    result = run_compiled("-c", COMPILE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled" in result.stdout

@@ -8,10 +8,6 @@ buffer starts as NaN, so an element that no kernel wrote fails the comparison.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -112,11 +108,9 @@ def test_power_retention_through_parallel_pass_matches_oracle(kwargs, chunk_size
 
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(run_compiled):
     """The interpreter does not type-check like the compiler (it let a branch type mismatch through): compile both
     kernels for sm_90 without a GPU (triton's bundled ptxas), in a process where they are not interpreted."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    code = "from retention_kernels.triton.pair_scan import compile_for; print(compile_for(90))"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    result = run_compiled("-c", "from retention_kernels.triton.pair_scan import compile_for; print(compile_for(90))")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 kernels" in result.stdout

@@ -6,8 +6,6 @@ output starts as NaN (``function.POISON``), so an element no kernel wrote fails 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import triton.language as tl
@@ -321,17 +319,13 @@ def test_dispatch_calls_no_importlib(interpreter, monkeypatch):
     assert Y.shape == args[0].shape
 
 
-def test_every_kernel_fits_hopper_shared_memory():
+def test_every_kernel_fits_hopper_shared_memory(run_compiled):
     """Each tuned deg-2 kernel has a config that fits an sm_90 SM's shared memory at d = 128 in bf16/fp16/fp32 (an
     fp16 d=128 check once failed on the H200 with OutOfResources): compiled for sm_90 without a GPU, in a process
     where the kernels are not interpreted (tests/hopper_fit.py)."""
-    import subprocess
-    import sys
     from pathlib import Path
 
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("hopper_fit.py")
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    result = run_compiled(str(Path(__file__).with_name("hopper_fit.py")), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("fits ") == 15  # 5 kernels x 3 dtypes
 
