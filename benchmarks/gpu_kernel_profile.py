@@ -47,6 +47,7 @@ if ARGS.dry_run:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from gpu_triton import extra_peak_gib  # noqa: E402  (benchmarks/ is on the path: scripts run from there)
 
 from retention import power_retention  # noqa: E402
 from retention_kernels.triton import function  # noqa: E402
@@ -220,16 +221,11 @@ def main():
 def peak_memory(step) -> dict:
     """Peak CUDA memory of one ``step`` (returning ``Y`` and the input gradients) above what was allocated before
     it (the inputs) and the size of what it returns, in GiB."""
-    def gib(tensors):
-        return sum(x.numel() * x.element_size() for x in tensors) / 2**30
-
-    torch.cuda.synchronize()
     inputs = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    Y, grads = step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - inputs) / 2**30
-    results = gib([Y, *grads])
+    returned = []
+    peak = extra_peak_gib(lambda: returned.append(step()))
+    Y, grads = returned[0]
+    results = sum(x.numel() * x.element_size() for x in (Y, *grads)) / 2**30
     return dict(extra_gib=peak - results, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 inputs_gib=inputs / 2**30, results_gib=results)
 
