@@ -392,3 +392,31 @@ def test_no_fitting_config_says_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match=r"pair_key_value_grad_kernel has no config .*\(2 tried.*bf16") as error:
         function._launch_first_fitting(TooLarge(), lambda meta: (1,), (), {}, configs)
     assert isinstance(error.value.__cause__, triton.runtime.errors.OutOfResources)
+
+
+@pytest.mark.parametrize("precision, dp, tried", [("ieee", 128, ["small"]), ("ieee", 64, ["big", "small"]),
+                                                  ("tf32", 128, ["big", "small"])])
+def test_wide_fp32_products_try_only_the_small_configs(monkeypatch, precision, dp, tried):
+    """Full-fp32 products at d > 64 skip the pipelined configs (each took minutes to compile on an H200, and most
+    did not fit): the tuner's filter and the untuned launch path (``AUTOTUNE = False``) both see only the small
+    ones (then the fallbacks)."""
+    import triton
+
+    big, small = function._config(4, 3, BQ=64, BK=64), function._config(4, 1, BQ=16, BK=32)
+    prune = function._ieee_wide_prune([small])
+    tuned = type("Tuned", (), dict(configs=[big], fallbacks=(small,),
+                                   early_config_prune=staticmethod(prune)))()
+    launched = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, BQ, num_stages, **kwargs):
+                launched.append("big" if BQ == 64 else "small")
+                if BQ == 64:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(function, "AUTOTUNE", False)
+    function._launch(tuned, Recording(), lambda meta: (1,), (), dict(PRECISION=precision, DP=dp), ("BQ", "BK"))
+    assert launched == tried
+    assert prune([big, small], None, PRECISION=precision, DP=dp) == ([small] if tried == ["small"] else [big, small])

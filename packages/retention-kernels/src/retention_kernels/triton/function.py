@@ -395,13 +395,28 @@ def _autotuned(kernel, configs, key, fallbacks=()):
     if _INTERPRET:
         return None
     first = configs[0]
-    configs = [*configs, triton.Config(first.kwargs, num_warps=first.num_warps, num_stages=1)]
+    single_stage = triton.Config(first.kwargs, num_warps=first.num_warps, num_stages=1)
+    configs = [*configs, single_stage]
+    prune = {"early_config_prune": _ieee_wide_prune(list(fallbacks) or [single_stage])}
     try:
-        tuned = triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
+        tuned = triton.autotune(configs=configs, key=key, prune_configs_by=prune, cache_results=True)(kernel)
     except TypeError:  # a triton without on-disk autotune caching
-        tuned = triton.autotune(configs=configs, key=key)(kernel)
+        tuned = triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
     tuned.fallbacks = tuple(fallbacks)  # tried only when no tuned config fits (see _launch)
     return tuned
+
+
+def _ieee_wide_prune(small):
+    """The tuner's config filter: full-fp32 ("ieee") products at d > 64 try only the ``small`` configs. Those products
+    run on the CUDA cores, unrolled per tile: on an H200 each pipelined 64-row config of that case took 1-2 min to
+    compile and most then did not fit in shared memory, so tuning them outlasted a 10-minute device call."""
+
+    def prune(configs, named_args, **constants):
+        if constants.get("PRECISION") == "ieee" and constants.get("DP", 0) > 64:
+            return small
+        return configs
+
+    return prune
 
 
 def _config(num_warps, num_stages, **meta):
@@ -477,7 +492,8 @@ def _launch(tuned, kernel, grid, args, constants, meta_names):
         except triton.runtime.errors.OutOfResources:  # no tuned config fits this GPU: the small fallbacks
             _launch_first_fitting(kernel, grid, args, constants, tuned.fallbacks)
     else:
-        _launch_first_fitting(kernel, grid, args, constants, [*tuned.configs, *tuned.fallbacks])
+        candidates = tuned.early_config_prune(tuned.configs, None, **constants)
+        _launch_first_fitting(kernel, grid, args, constants, [*candidates, *tuned.fallbacks])
 
 
 def _launch_first_fitting(kernel, grid, args, constants, configs):
