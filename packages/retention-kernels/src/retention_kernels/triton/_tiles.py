@@ -68,9 +68,10 @@ def sympow_vjp(acc, dphi, x, IDX, W, a, a_mask,
 
 @triton.jit
 def integer_power(x, P: tl.constexpr):
-    """``x ** P`` for a small constant integer ``P >= 0`` (repeated products, exact signs)."""
+    """``x ** P`` for a small constant integer ``P >= 0`` (repeated products, exact signs; ``P = 0``: the scalar 1,
+    so deg 1's ``dA * x^0`` costs no operation on its tiles)."""
     if P == 0:
-        result = x * 0.0 + 1.0
+        result = 1.0
     else:
         result = x
         for _ in tl.static_range(P - 1):
@@ -219,7 +220,8 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
 
     The key tiles before the query tile come first, every pair causal: their decay is a factor per query row (applied
     once to their sums) times a key factor per column, so no ``[BQ, BK]`` decay tile and no masks (padded keys
-    load as zeros). The tiles reaching into the query tile follow, with the full causal decay."""
+    load as zeros). The tiles reaching into the query tile follow, with the full causal decay. The scale's ``s^p``
+    multiplies the sums once, at the end (``s`` itself would be an operation on every ``[BQ, BK]`` tile)."""
     numerator = tl.zeros((BQ, EP), dtype=tl.float32)
     denominator = tl.zeros((BQ,), dtype=tl.float32)
     if HAS_GATE:  # split at the query tile's first row
@@ -229,7 +231,7 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
     for k_start in range(0, keys_before, BK):
         local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
                                                d_mask, columns, e_mask, BK, OP)
-        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
+        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION), DEG)
         if HAS_GATE:
             weights = weights * tl.exp(g_p - tl.load(g_base + local_j))[None, :]
         numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
@@ -240,11 +242,12 @@ def intra_output(q, local_i, q_mask, q_start, k_base, sk_t, sk_d, v_base, sv_t, 
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
         k, v, causal, decay = diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask,
                                                 g_base, c, t, C, dims, d_mask, columns, e_mask, HAS_GATE, BK, OP)
-        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, DEG)
+        weights = integer_power(tl.dot(q, tl.trans(k), input_precision=PRECISION), DEG)
         weights = tl.where(causal, weights * decay, 0.0)
         numerator += tl.dot(weights.to(OP), v, input_precision=PRECISION)
         denominator += tl.sum(weights, axis=1)
-    return numerator, denominator
+    power_scale = integer_power(scale, DEG)
+    return numerator * power_scale, denominator * power_scale
 
 
 @triton.jit
@@ -254,7 +257,7 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
                      PRECISION: tl.constexpr):
     """``dq_i = s sum_j dA_ij p (s q_i.k_j)^(p-1) e^{G_i - G_j} k_j`` with ``dA_ij = dn_i.v_j + delta_i``, fp32
     ``[BQ, DP]`` (``dn`` an OP tile ``[BQ, EP]``, ``delta`` fp32 ``[BQ]``). Key tiles in the order and with the
-    decay split of :func:`intra_output`."""
+    decay split of :func:`intra_output`; ``p s^p`` multiplies the sum at the end."""
     dq = tl.zeros((BQ, DP), dtype=tl.float32)
     if HAS_GATE:  # split at the query tile's first row
         g_p = tl.load(g_base + q_start)
@@ -263,24 +266,22 @@ def intra_query_grad(q, dn, delta, local_i, q_mask, q_start, k_base, sk_t, sk_d,
     for k_start in range(0, keys_before, BK):
         local_j, k_mask, k, v = key_value_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, c, t, C, dims,
                                                d_mask, columns, e_mask, BK, OP)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
-        d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
+        d_scores = d_weights * integer_power(scores, DEG - 1)
         if HAS_GATE:
             d_scores = d_scores * tl.exp(g_p - tl.load(g_base + local_j))[None, :]
         dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION)
     if HAS_GATE:
         dq = dq * row_factor[:, None]
-    dq = dq * scale
     for k_start in range(keys_before, tl.minimum(q_start + BQ, C), BK):
         k, v, causal, decay = diagonal_key_tile(k_base, sk_t, sk_d, v_base, sv_t, sv_e, k_start, local_i, q_mask,
                                                 g_base, c, t, C, dims, d_mask, columns, e_mask, HAS_GATE, BK, OP)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
-        d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
-        d_scores = tl.where(causal, d_scores * decay, 0.0)
-        dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION) * scale
-    return dq
+        d_scores = tl.where(causal, d_weights * integer_power(scores, DEG - 1) * decay, 0.0)
+        dq += tl.dot(d_scores.to(OP), k, input_precision=PRECISION)
+    return dq * (DEG * integer_power(scale, DEG))
 
 
 @triton.jit
@@ -311,14 +312,18 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
     block's last key ``a``, ``e^{G_i - G_a} e^{G_a - G_j}``, with a key factor common to all of them. It is
     applied once to their sums (dk, dv, column sums of the gates) instead of as a ``[BQ, BK]`` decay tile in
     each: fewer registers, no masks (padded rows load as zeros). The tiles reaching into the block follow, with
-    the full causal decay."""
+    the full causal decay. The tiles compute without the scale: ``s^p`` (and ``p`` for dk) multiplies the sums."""
     dk = tl.zeros((BK, DP), dtype=tl.float32)
     dv = tl.zeros((BK, EP), dtype=tl.float32)
-    column = tl.zeros((BK,), dtype=tl.float32)  # the later tiles' column sums of P, for spanning_finish
+    # the later tiles' P, summed into a tile: its column sums (for spanning_finish) cross the warps, so they are
+    # taken once, after the loop
+    column = tl.zeros((BQ, BK), dtype=tl.float32)
     last_key = tl.minimum(k_start + BK, C) - 1  # the block's last key inside the chunk: the split point
+    power_scale = integer_power(scale, DEG)
     if HAS_GATE:
         g_a = tl.load(g_base + last_key)
         key_factor = tl.exp(g_a - tl.load(g_base + local_j, mask=local_j < C, other=0.0))  # <= 1
+        span_factor = key_factor * power_scale
     diagonal_tiles = tl.cdiv(BK, BQ)  # the query tiles that reach into the key block
     q_tiles = tl.cdiv(C - k_start, BQ)
     for step in range(diagonal_tiles, q_tiles):
@@ -330,23 +335,23 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
         for r in range(group):
             q, dn, delta = query_rows(q_base + r * sq_h, sq_t, sq_d, DN, dn_stride, DELTA, delta_stride, rows_q,
                                       q_mask, b, t, hq, head * group, r, dims, d_mask, columns, e_mask, OP)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BQ, BK], unscaled
             d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
             weights = integer_power(scores, DEG)
-            d_scores = d_weights * DEG * integer_power(scores, DEG - 1)
+            d_scores = d_weights * integer_power(scores, DEG - 1)
             if HAS_GATE:
                 weights = weights * row_factor[:, None]
                 d_scores = d_scores * row_factor[:, None]
                 spanning += d_weights * weights
             dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
+            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION)
         if HAS_GATE:
-            column += tl.sum(spanning, axis=0)
-            store_row_sums(tl.sum(spanning * key_factor[None, :], axis=1), local_i, k_start, C, SPAN_ROW, BK)
+            column += spanning
+            store_row_sums(tl.sum(spanning * span_factor[None, :], axis=1), local_i, k_start, C, SPAN_ROW, BK)
     if HAS_GATE:
         dk = dk * key_factor[:, None]
         dv = dv * key_factor[:, None]
-        column = column * key_factor
+        column = tl.sum(column, axis=0) * span_factor
     own = tl.zeros((BK,), dtype=tl.float32)  # spanning sums of the gates inside this key block
     for step in range(0, tl.minimum(diagonal_tiles, q_tiles)):
         q_start = k_start + step * BQ
@@ -357,19 +362,19 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
         for r in range(group):
             q, dn, delta = query_rows(q_base + r * sq_h, sq_t, sq_d, DN, dn_stride, DELTA, delta_stride, rows_q,
                                       q_mask, b, t, hq, head * group, r, dims, d_mask, columns, e_mask, OP)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK]
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BQ, BK], unscaled
             weights = tl.where(causal, integer_power(scores, DEG) * decay, 0.0)
             d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
-            d_scores = tl.where(causal, d_weights * DEG * integer_power(scores, DEG - 1) * decay, 0.0)
+            d_scores = tl.where(causal, d_weights * integer_power(scores, DEG - 1) * decay, 0.0)
             dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION) * scale
+            dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION)
             if HAS_GATE:
                 spanning += d_weights * weights
         if HAS_GATE:
-            own = spanning_tile(spanning, local_i, local_j, k_start, C, own, SPAN_ROW, BK)
+            own = spanning_tile(spanning * power_scale, local_i, local_j, k_start, C, own, SPAN_ROW, BK)
     if HAS_GATE:
         spanning_finish(own, column, local_j, k_start, C, SPAN_ROW, BK)
-    return dk, dv
+    return dk * (DEG * power_scale), dv * power_scale
 
 
 @triton.jit

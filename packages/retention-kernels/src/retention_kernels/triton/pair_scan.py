@@ -75,7 +75,7 @@ def pair_chunk_contribution_kernel(
     else:
         scanned_last = c == n_chunks - 1
     if pid < n_tiles:
-        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, pid, BU)
+        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, pid, NP, BU)
         features = first_feature + tl.arange(0, BU * 16)
         columns = tl.arange(0, EP)
         e_mask = columns < e

@@ -41,13 +41,18 @@ from ._tiles import (
 
 
 @triton.jit
-def _pair_tile(PAIRS, tile, BU: tl.constexpr):
-    """Tile ``tile`` of the ``16 / BU`` per block pair ``P = (I, J)``: its first ``i`` coordinate ``16 I + u0``
-    (then ``BU`` of them), block ``J`` (16 coordinates), the weight ``w_P`` (``sqrt(2)`` off the diagonal) and
-    its first feature ``256 P + 16 u0``."""
-    split: tl.constexpr = 16 // BU
-    P = tile // split
-    u0 = (tile % split) * BU
+def _pair_tile(PAIRS, tile, NP, BU: tl.constexpr):
+    """Tile ``tile`` of the ``NP * 16 / BU``: block pair ``P = (I, J)`` (``tile % NP``) and its rows ``u0 .. u0 + BU``
+    of the 16 (``u0 = BU * (tile // NP)``) -> its first ``i`` coordinate ``16 I + u0`` (then ``BU`` of them), block
+    ``J`` (16 coordinates), the weight ``w_P`` (``sqrt(2)`` off the diagonal) and its first feature ``256 P + 16 u0``.
+    The pairs are ordered ``I``-major, so consecutive tiles share their ``i`` coordinates, ``16 / BU`` runs per
+    block ``I`` (see :func:`_outer_vjp`)."""
+    if BU == 16:  # no division in the kernels' hot loops where the tiles are whole pairs
+        P = tile
+        u0 = 0
+    else:
+        P = tile % NP
+        u0 = (tile // NP) * BU
     block_i = tl.load(PAIRS + 2 * P)
     block_j = tl.load(PAIRS + 2 * P + 1)
     weight = tl.where(block_i < block_j, 1.4142135623730951, 1.0)
@@ -55,13 +60,13 @@ def _pair_tile(PAIRS, tile, BU: tl.constexpr):
 
 
 @triton.jit
-def _pair_operands(PAIRS, tile, x_base, rows, sx_t, row_mask, sx_d, d, state_base, e, columns,
+def _pair_operands(PAIRS, tile, NP, x_base, rows, sx_t, row_mask, sx_d, d, state_base, e, columns,
                    BU: tl.constexpr):
     """The operands of one pair tile's state product -> ``(xi, xj, state_tile, weight, first_i, block_j)``: fp32
     rows of ``x`` at the tile's ``BU`` ``i`` coordinates and 16 ``j`` coordinates (``phi = _outer(xi * weight,
     xj)``) and the pointers of the ``[16 BU, e]`` tile of the state ``state_base [DI, e]`` at its features (see
     :func:`_pair_tile`; the caller loads it where its schedule wants it)."""
-    first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, BU)
+    first_i, block_j, weight, first_feature = _pair_tile(PAIRS, tile, NP, BU)
     coord_i = first_i + tl.arange(0, BU)
     coord_j = block_j * 16 + tl.arange(0, 16)
     xi = load_tile(x_base, rows, sx_t, row_mask, coord_i, sx_d, coord_i < d).to(tl.float32)
@@ -77,31 +82,66 @@ def _outer(xi, xj, ROWS: tl.constexpr, BU: tl.constexpr):
 
 
 @triton.jit
-def _outer_vjp(acc_i, acc_j, dphi, xi, xj, first_i, block_j, ROWS: tl.constexpr, BU: tl.constexpr,
-               NBP: tl.constexpr):
-    """``J^T dphi`` for the pair tile ``phi = xi (x) xj`` (weights already in ``dphi``) added to the accumulators
-    ``acc_j [ROWS, NBP, 16]`` (16-wide blocks) and, for half tiles (BU < 16), ``acc_i [ROWS, 16 NBP / BU, BU]``;
-    ``_vjp_total`` sums them."""
+def _outer_vjp(run_i, acc_j, dphi, xi, xj, block_j, ROWS: tl.constexpr, BU: tl.constexpr, NBP: tl.constexpr):
+    """``J^T dphi`` for the pair tile ``phi = xi (x) xj`` (weights already in ``dphi``): the ``[ROWS, BU]`` gradient
+    of ``xi`` added to ``run_i`` (the run of tiles with the same ``i`` coordinates, :func:`_flush_run`), that of
+    ``xj`` to its block of ``acc_j [ROWS, NBP, 16]``. (Placing a gradient in its block is a masked add over the
+    whole accumulator: once per run rather than per tile for the ``i`` side.)"""
     d3 = tl.reshape(dphi, (ROWS, BU, 16))
-    grad_i = tl.sum(d3 * xj[:, None, :], axis=2)
+    run_i += tl.sum(d3 * xj[:, None, :], axis=2)
     grad_j = tl.sum(d3 * xi[:, :, None], axis=1)
-    blocks = tl.arange(0, NBP)[None, :, None]
-    acc_j += tl.where(blocks == block_j, grad_j[:, None, :], 0.0)
+    acc_j += tl.where(tl.arange(0, NBP)[None, :, None] == block_j, grad_j[:, None, :], 0.0)
+    return run_i, acc_j
+
+
+@triton.jit
+def _flush_run(acc_i, acc_j, run_i, first_i, BU: tl.constexpr, NBP: tl.constexpr):
+    """Place a run's ``i`` gradient (coordinates ``first_i .. first_i + BU``) in ``acc_j`` (whole blocks, BU = 16)
+    or in ``acc_i [ROWS, 16 NBP / BU, BU]`` (half blocks); ``_vjp_total`` sums the two."""
     if BU == 16:
-        acc_j += tl.where(blocks == first_i // 16, grad_i[:, None, :], 0.0)
+        acc_j += tl.where(tl.arange(0, NBP)[None, :, None] == first_i // 16, run_i[:, None, :], 0.0)
     else:
         slots = tl.arange(0, NBP * 16 // BU)[None, :, None]
-        acc_i += tl.where(slots == first_i // BU, grad_i[:, None, :], 0.0)
+        acc_i += tl.where(slots == first_i // BU, run_i[:, None, :], 0.0)
     return acc_i, acc_j
 
 
 @triton.jit
 def _vjp_total(acc_i, acc_j, ROWS: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr):
-    """``[ROWS, DP]``: the coordinate gradients of ``_outer_vjp``'s accumulators."""
+    """``[ROWS, DP]``: the coordinate gradients gathered by ``_outer_vjp`` and ``_flush_run``."""
     total = tl.reshape(acc_j, (ROWS, DP))
     if BU < 16:
         total += tl.reshape(acc_i, (ROWS, DP))
     return total
+
+
+@triton.jit
+def _state_vjp(X, rows, sx_t, row_mask, sx_d, d, PAIRS, NP, state_base, e, columns, e_mask, u,
+               ROWS: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr,
+               PRECISION: tl.constexpr, VALUE_GRAD: tl.constexpr):
+    """The state products of a gradient kernel for the ``[ROWS]`` rows of ``x`` (at ``X``) and their OP tile ``u``
+    ``[ROWS, EP]``, against the state ``S [DI, e]`` at ``state_base``: ``J_phi(x)^T (S u)`` fp32 ``[ROWS, DP]``
+    and, with VALUE_GRAD, ``phi(x)^T S`` fp32 ``[ROWS, EP]`` (else zeros)."""
+    NBP: tl.constexpr = DP // 16
+    acc_i = tl.zeros((ROWS, NBP * 16 // BU, BU), dtype=tl.float32)
+    acc_j = tl.zeros((ROWS, NBP, 16), dtype=tl.float32)
+    run_i = tl.zeros((ROWS, BU), dtype=tl.float32)
+    value_grad = tl.zeros((ROWS, EP), dtype=tl.float32)
+    current_i, _, _, _ = _pair_tile(PAIRS, 0, NP, BU)
+    for tile in range(NP * (16 // BU)):
+        xi, xj, state_tile, weight, first_i, block_j = _pair_operands(PAIRS, tile, NP, X, rows, sx_t, row_mask, sx_d,
+                                                                      d, state_base, e, columns, BU)
+        if first_i != current_i:  # a new run: the last one's i gradient to its place
+            acc_i, acc_j = _flush_run(acc_i, acc_j, run_i, current_i, BU, NBP)
+            run_i = tl.zeros((ROWS, BU), dtype=tl.float32)
+            current_i = first_i
+        S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
+        if VALUE_GRAD:
+            value_grad += tl.dot(_outer(xi * weight, xj, ROWS, BU).to(OP), S, input_precision=PRECISION)
+        dphi = tl.dot(u, tl.trans(S), input_precision=PRECISION) * weight
+        run_i, acc_j = _outer_vjp(run_i, acc_j, dphi, xi, xj, block_j, ROWS, BU, NBP)
+    acc_i, acc_j = _flush_run(acc_i, acc_j, run_i, current_i, BU, NBP)
+    return _vjp_total(acc_i, acc_j, ROWS, BU, DP), value_grad
 
 
 @triton.jit
@@ -128,7 +168,7 @@ def pair_state_kernel(
     DI = NP * 256
     g_base = G + pid_bh * T_pad
     if pid < n_tiles:
-        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, pid, BU)
+        first_i, block_j, weight, first_feature = _pair_tile(PAIRS, pid, NP, BU)
         features = first_feature + tl.arange(0, BU * 16)
         columns = tl.arange(0, EP)
         e_mask = columns < e
@@ -266,8 +306,8 @@ def pair_output_kernel(
         slot = (b * h + head) * n_chunks + c
         state_base = STATES + slot.to(tl.int64) * DI * e
         for tile in range(NP * (16 // BU)):
-            qi, qj, state_tile, weight, _, _ = _pair_operands(PAIRS, tile, q_base, rows_q, sq_t, q_mask, sq_d, d,
-                                                              state_base, e, columns, BU)
+            qi, qj, state_tile, weight, _, _ = _pair_operands(PAIRS, tile, NP, q_base, rows_q, sq_t, q_mask, sq_d,
+                                                              d, state_base, e, columns, BU)
             phi = _outer(qi * weight, qj, BQ, BU).to(OP)
             S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
             inter += tl.dot(phi, S, input_precision=PRECISION)
@@ -299,7 +339,6 @@ def pair_query_grad_kernel(
     fp32 (with HAS_GATE): ``q_i . dq_i^state / 2``, the gate term of the state query."""
     c, q_start, b, query_head, head = query_program(hq, h, C, BQ)
     DI = NP * 256
-    NBP: tl.constexpr = DP // 16
 
     local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
     dims = tl.arange(0, DP)
@@ -327,16 +366,10 @@ def pair_query_grad_kernel(
             query_scale = query_scale * tl.exp(g_i)
         slot = (b * h + head) * n_chunks + c
         state_base = STATES + slot.to(tl.int64) * DI * e
-        acc_i = tl.zeros((BQ, NBP * 16 // BU, BU), dtype=tl.float32)
-        acc_j = tl.zeros((BQ, NBP, 16), dtype=tl.float32)
-        for tile in range(NP * (16 // BU)):
-            qi, qj, state_tile, weight, first_i, block_j = _pair_operands(PAIRS, tile, q_base, rows_q, sq_t, q_mask,
-                                                                          sq_d, d, state_base, e, columns, BU)
-            S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
-            dphi = tl.dot(dn, tl.trans(S), input_precision=PRECISION) * weight
-            acc_i, acc_j = _outer_vjp(acc_i, acc_j, dphi, qi, qj, first_i, block_j, BQ, BU, NBP)
+        dq_state, _ = _state_vjp(q_base, rows_q, sq_t, q_mask, sq_d, d, PAIRS, NP, state_base, e, columns, e_mask,
+                                 dn, BQ, BU, DP, EP, OP, PRECISION, False)
         # the per-row scale once, after the loop: inside it the gates' row vector costs registers in every tile
-        dq_state = _vjp_total(acc_i, acc_j, BQ, BU, DP) * query_scale[:, None]
+        dq_state = dq_state * query_scale[:, None]
         # the denominator's state term s^2 e^{G_i} delta_i q_i^T M q_i, M symmetric
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
         dq_state += tl.dot(q32, M, input_precision=GRAM_PRECISION) * (2.0 * query_scale * delta)[:, None]
@@ -369,7 +402,6 @@ def pair_key_state_grad_kernel(
     intra-chunk block alone, benchmarks/results/gpu_kernel_profile_before.json)."""
     c, k_start, b, head, pid_bh = key_program(h, C, BK)
     DI = NP * 256
-    NBP: tl.constexpr = DP // 16
 
     local_j, rows_k, k_mask = chunk_rows(k_start, c, t, C, BK)
     dims = tl.arange(0, DP)
@@ -388,21 +420,12 @@ def pair_key_state_grad_kernel(
         key_decay = tl.full((BK,), 1.0, tl.float32)
     slot = pid_bh * n_chunks + c
     state_base = DSTATES + slot.to(tl.int64) * DI * e
-    acc_i = tl.zeros((BK, NBP * 16 // BU, BU), dtype=tl.float32)
-    acc_j = tl.zeros((BK, NBP, 16), dtype=tl.float32)
-    dv = tl.zeros((BK, EP), dtype=tl.float32)
-    for tile in range(NP * (16 // BU)):
-        ki, kj, state_tile, weight, first_i, block_j = _pair_operands(PAIRS, tile, k_base, rows_k, sk_t, k_mask,
-                                                                      sk_d, d, state_base, e, columns, BU)
-        dS = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
-        phi = _outer(ki * weight, kj, BK, BU).to(OP)
-        dv += tl.dot(phi, dS, input_precision=PRECISION)
-        dphi = tl.dot(v, tl.trans(dS), input_precision=PRECISION) * weight
-        acc_i, acc_j = _outer_vjp(acc_i, acc_j, dphi, ki, kj, first_i, block_j, BK, BU, NBP)
+    dk, dv = _state_vjp(k_base, rows_k, sk_t, k_mask, sk_d, d, PAIRS, NP, state_base, e, columns, e_mask, v, BK, BU,
+                        DP, EP, OP, PRECISION, True)
     # the keys' decay once, after the loop (both products are linear in it): with the row vector scaling every
     # tile inside it, the kernel took 2.64 ms at t = 65536 with gates, 1.84 without (gpu_kernel_profile_split.json)
     dv = dv * key_decay[:, None]
-    dk = _vjp_total(acc_i, acc_j, BK, BU, DP) * key_decay[:, None]
+    dk = dk * key_decay[:, None]
     # the key-sum path: e^{G_last - G_j} k_j^T dM k_j with dM symmetric
     dM = tl.load(DMS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
     dk += tl.dot(k32, dM, input_precision=GRAM_PRECISION) * (2.0 * key_decay)[:, None]
