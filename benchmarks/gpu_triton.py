@@ -238,8 +238,8 @@ def correctness(quick, results):
     inp = {n: v.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) if v.dim() == 4 else
            v.requires_grad_(True) for n, v in x.items()}
     ok &= check("fp32 deg2 d32 t500 non-contiguous", inp, 2, chunk_size=size(64, 8), results=results)[0]
-    # fp32 operands at d = 128: the largest shared-memory footprint (the tuned lists' single-stage / BK = 32 configs;
-    # compiling the configs that do not fit takes a minute: not in --quick, see gpu_session.sh d128-checks).
+    # fp32 operands at d = 128: the largest shared-memory footprint, full-fp32 products on the CUDA cores (the small
+    # configs only, function._ieee_wide_prune; about a minute of compiling on an H200: not in --quick).
     if quick:
         return finish_correctness(ok, gate_errors)
     inp = random_inputs(b=1, t=size(700, 30), hq=2, h=1, d=size(128, 16), dtype=torch.float32, device=dev, deg=2,
