@@ -17,6 +17,7 @@
 #     bash benchmarks/gpu_session.sh profile1                # issue 3: deg 1's whole time, memory, top operations
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
+#     bash benchmarks/gpu_session.sh ab          # issue 3: these kernels against dist/ab-ref's in one call (gpu_ab.py)
 #
 # Then unpack $OUT/results.tar.gz into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 #
@@ -164,8 +165,14 @@ case "$stage" in
       > "$OUT/train_throughput_log.txt" 2>&1
     echo "throughput rc=$?"; tail -12 "$OUT/train_throughput_log.txt"
     ;;
+  ab)
+    # the working tree's kernels against an earlier version's, timed in this one call: carry "dist" with
+    # dist/ab-ref made by `git archive REF packages/retention-kernels/src | tar -x -C dist/ab-ref`
+    timeout "$(limit 500)" python3 benchmarks/gpu_ab.py --out "$OUT" > "$OUT/gpu_ab_log.txt" 2>&1
+    echo "ab rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_ab_log.txt" | tail -30
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput ab)" >&2
     exit 2
     ;;
 esac
