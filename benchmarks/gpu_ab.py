@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = {"ref": None, "tree": ROOT / "packages/retention-kernels/src"}
 
 
 def parse_args(argv=None):
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
     if not ref.is_dir():
         raise SystemExit(f"--ref {args.ref}: no packages/retention-kernels/src there (make it with git archive, "
                          "see the docstring)")
-    sides = {**SIDES, "ref": ref.resolve()}
+    sides = {"ref": ref.resolve(), "tree": ROOT / "packages/retention-kernels/src"}
     cases = []
     for spec in args.cases.split(","):
         deg, t, b = (int(x) for x in spec.split(":"))
