@@ -337,11 +337,12 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
                                       q_mask, b, t, hq, head * group, r, dims, d_mask, columns, e_mask, OP)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BQ, BK], unscaled
             d_weights = tl.dot(dn, tl.trans(v), input_precision=PRECISION) + delta[:, None]
-            weights = integer_power(scores, DEG)
-            d_scores = d_weights * integer_power(scores, DEG - 1)
+            power = integer_power(scores, DEG - 1)
+            if HAS_GATE:  # the row factor once, on the power both products share
+                power = power * row_factor[:, None]
+            weights = power * scores
+            d_scores = d_weights * power
             if HAS_GATE:
-                weights = weights * row_factor[:, None]
-                d_scores = d_scores * row_factor[:, None]
                 spanning += d_weights * weights
             dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
             dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION)

@@ -82,14 +82,15 @@ def _outer(xi, xj, ROWS: tl.constexpr, BU: tl.constexpr):
 
 
 @triton.jit
-def _outer_vjp(run_i, acc_j, dphi, xi, xj, block_j, ROWS: tl.constexpr, BU: tl.constexpr, NBP: tl.constexpr):
-    """``J^T dphi`` for the pair tile ``phi = xi (x) xj`` (weights already in ``dphi``): the ``[ROWS, BU]`` gradient
-    of ``xi`` added to ``run_i`` (the run of tiles with the same ``i`` coordinates, :func:`_flush_run`), that of
-    ``xj`` to its block of ``acc_j [ROWS, NBP, 16]``. (Placing a gradient in its block is a masked add over the
-    whole accumulator: once per run rather than per tile for the ``i`` side.)"""
+def _outer_vjp(run_i, acc_j, dphi, xi_w, xj_w, block_j, ROWS: tl.constexpr, BU: tl.constexpr, NBP: tl.constexpr):
+    """``J^T dphi`` for the pair tile ``phi = w xi (x) xj``, given ``xi_w = w xi`` and ``xj_w = w xj`` (the weight on
+    the small operands, not on the ``[ROWS, 16 BU]`` tile): the ``[ROWS, BU]`` gradient of ``xi`` added to
+    ``run_i`` (the run of tiles with the same ``i`` coordinates, :func:`_flush_run`), that of ``xj`` to its block
+    of ``acc_j [ROWS, NBP, 16]``. (Placing a gradient in its block is a masked add over the whole accumulator:
+    once per run rather than per tile for the ``i`` side.)"""
     d3 = tl.reshape(dphi, (ROWS, BU, 16))
-    run_i += tl.sum(d3 * xj[:, None, :], axis=2)
-    grad_j = tl.sum(d3 * xi[:, :, None], axis=1)
+    run_i += tl.sum(d3 * xj_w[:, None, :], axis=2)
+    grad_j = tl.sum(d3 * xi_w[:, :, None], axis=1)
     acc_j += tl.where(tl.arange(0, NBP)[None, :, None] == block_j, grad_j[:, None, :], 0.0)
     return run_i, acc_j
 
@@ -136,10 +137,11 @@ def _state_vjp(X, rows, sx_t, row_mask, sx_d, d, PAIRS, NP, state_base, e, colum
             run_i = tl.zeros((ROWS, BU), dtype=tl.float32)
             current_i = first_i
         S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
+        xi_w = xi * weight
         if VALUE_GRAD:
-            value_grad += tl.dot(_outer(xi * weight, xj, ROWS, BU).to(OP), S, input_precision=PRECISION)
-        dphi = tl.dot(u, tl.trans(S), input_precision=PRECISION) * weight
-        run_i, acc_j = _outer_vjp(run_i, acc_j, dphi, xi, xj, block_j, ROWS, BU, NBP)
+            value_grad += tl.dot(_outer(xi_w, xj, ROWS, BU).to(OP), S, input_precision=PRECISION)
+        dphi = tl.dot(u, tl.trans(S), input_precision=PRECISION)  # d/d(w xi xj): the weight goes on xi, xj
+        run_i, acc_j = _outer_vjp(run_i, acc_j, dphi, xi_w, xj * weight, block_j, ROWS, BU, NBP)
     acc_i, acc_j = _flush_run(acc_i, acc_j, run_i, current_i, BU, NBP)
     return _vjp_total(acc_i, acc_j, ROWS, BU, DP), value_grad
 
