@@ -18,6 +18,7 @@
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #     bash benchmarks/gpu_session.sh ab          # issue 3: these kernels against dist/ab-ref's in one call (gpu_ab.py)
+#     bash benchmarks/gpu_session.sh asm         # issue 3: registers / spills / wgmma per deg-2 config (kernel_asm.py)
 #
 # Then unpack $OUT/results.tar.gz into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 #
@@ -171,8 +172,14 @@ case "$stage" in
     timeout "$(limit 500)" python3 benchmarks/gpu_ab.py --out "$OUT" > "$OUT/gpu_ab_log.txt" 2>&1
     echo "ab rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_ab_log.txt" | tail -30
     ;;
+  asm)
+    # registers, spills, shared memory and MMA kind of every deg-2 config, as this machine's Triton compiles them
+    timeout "$(limit 200)" python3 benchmarks/kernel_asm.py --all-configs --kernels pair_ --t 65536 --out "$OUT" \
+      > "$OUT/kernel_asm_log.txt" 2>&1
+    echo "asm rc=$?"; grep -vE "Warning|warn_once" "$OUT/kernel_asm_log.txt" | cut -c1-220 | tail -30
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput ab)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput ab asm)" >&2
     exit 2
     ;;
 esac

@@ -331,7 +331,7 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
         local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
         if HAS_GATE:
             row_factor = query_factor(g_base, local_i, g_a, C)
-        spanning = tl.zeros((BQ, BK), dtype=tl.float32)  # P_ij / e^{G_a - G_j}, summed over the group
+        row_sums = tl.zeros((BQ,), dtype=tl.float32)  # of P_ij over the block, summed over the group
         for r in range(group):
             q, dn, delta = query_rows(q_base + r * sq_h, sq_t, sq_d, DN, dn_stride, DELTA, delta_stride, rows_q,
                                       q_mask, b, t, hq, head * group, r, dims, d_mask, columns, e_mask, OP)
@@ -342,13 +342,14 @@ def intra_key_value_grad(k, v, local_j, k_mask, k_start, q_base, sq_t, sq_d, sq_
                 power = power * row_factor[:, None]
             weights = power * scores
             d_scores = d_weights * power
-            if HAS_GATE:
-                spanning += d_weights * weights
+            if HAS_GATE:  # P_ij / e^{G_a - G_j}: into the column tile and the row sums, no [BQ, BK] tile per group
+                spanning = d_weights * weights
+                column += spanning
+                row_sums += tl.sum(spanning * span_factor[None, :], axis=1)
             dv += tl.dot(tl.trans(weights.to(OP)), dn, input_precision=PRECISION)
             dk += tl.dot(tl.trans(d_scores.to(OP)), q, input_precision=PRECISION)
         if HAS_GATE:
-            column += spanning
-            store_row_sums(tl.sum(spanning * span_factor[None, :], axis=1), local_i, k_start, C, SPAN_ROW, BK)
+            store_row_sums(row_sums, local_i, k_start, C, SPAN_ROW, BK)
     if HAS_GATE:
         dk = dk * key_factor[:, None]
         dv = dv * key_factor[:, None]

@@ -147,6 +147,14 @@ def _state_vjp(X, rows, sx_t, row_mask, sx_d, d, PAIRS, NP, state_base, e, colum
 
 
 @triton.jit
+def _reloaded_fp32(x_base, rows, sx_t, row_mask, dims, sx_d, d_mask):
+    """The program's rows of ``x`` as fp32 ``[rows, DP]`` for its products after the loops, loaded again there
+    (from the cache) rather than held through them: 32 registers a thread at 64 rows, where the kernels were at
+    the 255 limit and spilling (``benchmarks/kernel_asm.py``)."""
+    return load_tile(x_base, rows, sx_t, row_mask, dims, sx_d, d_mask).to(tl.float32)
+
+
+@triton.jit
 def pair_state_kernel(
     X, V, DELTA, G, PAIRS, INIT, STATES, FINAL, INIT_M, MS, FINAL_M,
     sx_b, sx_t, sx_h, sx_d, sv_b, sv_t, sv_h, sv_e,
@@ -292,8 +300,7 @@ def pair_output_kernel(
     columns = tl.arange(0, EP)
     e_mask = columns < e
     q_base = Q + b * sq_b + query_head * sq_h
-    q32 = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(tl.float32)
-    q = q32.to(OP)
+    q = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
     g_base = G + (b * h + head) * T_pad + c * C
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
@@ -315,6 +322,7 @@ def pair_output_kernel(
             inter += tl.dot(phi, S, input_precision=PRECISION)
         square = dims[:, None] * DP + dims[None, :]
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + square)
+        q32 = _reloaded_fp32(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask)
         inter_denominator = tl.sum(tl.dot(q32, M, input_precision=GRAM_PRECISION) * q32, axis=1)
         query_scale = tl.full((BQ,), 1.0, tl.float32) * (scale * scale)
         if HAS_GATE:
@@ -348,8 +356,7 @@ def pair_query_grad_kernel(
     columns = tl.arange(0, EP)
     e_mask = columns < e
     q_base = Q + b * sq_b + query_head * sq_h
-    q32 = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(tl.float32)
-    q = q32.to(OP)
+    q = load_tile(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(OP)
     grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
     dn = load_tile(DN, grad_rows, e, q_mask, columns, 1, e_mask).to(OP)
     delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
@@ -374,6 +381,7 @@ def pair_query_grad_kernel(
         dq_state = dq_state * query_scale[:, None]
         # the denominator's state term s^2 e^{G_i} delta_i q_i^T M q_i, M symmetric
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
+        q32 = _reloaded_fp32(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask)
         dq_state += tl.dot(q32, M, input_precision=GRAM_PRECISION) * (2.0 * query_scale * delta)[:, None]
         dq += dq_state
         state_term = tl.sum(q32 * dq_state, axis=1) * 0.5
@@ -411,7 +419,6 @@ def pair_key_state_grad_kernel(
     columns = tl.arange(0, EP)
     e_mask = columns < e
     k_base = K + b * sk_b + head * sk_h
-    k32 = load_tile(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask).to(tl.float32)
     v = load_tile(V + b * sv_b + head * sv_h, rows_k, sv_t, k_mask, columns, sv_e, e_mask).to(OP)
     # The state leaving the chunk: every key of the chunk was written into it.
     if HAS_GATE:
@@ -430,6 +437,7 @@ def pair_key_state_grad_kernel(
     dk = dk * key_decay[:, None]
     # the key-sum path: e^{G_last - G_j} k_j^T dM k_j with dM symmetric
     dM = tl.load(DMS + slot.to(tl.int64) * DP * DP + dims[:, None] * DP + dims[None, :])
+    k32 = _reloaded_fp32(k_base, rows_k, sk_t, k_mask, dims, sk_d, d_mask)
     dk += tl.dot(k32, dM, input_precision=GRAM_PRECISION) * (2.0 * key_decay)[:, None]
 
     out_rows = (b * t + rows_k).to(tl.int64) * h + head

@@ -1,0 +1,171 @@
+"""The deg-2 Triton kernels compiled for a Hopper GPU (sm_90a) on a machine without one: per kernel and config, the
+registers per thread, the bytes spilled to local memory, the shared memory and the kind of matrix instruction
+(``wgmma``: Hopper's warpgroup MMA; ``mma.sync``: the older per-warp path). It answers "does this kernel spill,
+and does it use wgmma" in seconds on the CPU, for the installed Triton (the GPU machine's may differ: run it
+there too for its own answer).
+
+    python benchmarks/kernel_asm.py [--t 4096] [--d 64] [--dtype bfloat16] [--kernels output,key_state]
+                                    [--all-configs] [--out DIR]
+
+The kernels are reached through the real host code (``_pair_forward`` / ``_pair_backward`` on CPU tensors): its
+launches are caught and each config is compiled with ``warmup`` against a stand-in driver that only names the
+target. Without ``--all-configs`` each kernel's first config (the one untuned launches take) is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for package in ("retention-core", "retention-kernels"):
+    sys.path.insert(0, str(ROOT / "packages" / package / "src"))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--t", type=int, default=4096, help="context (the code does not depend on it past a chunk)")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no-gates", action="store_true")
+    parser.add_argument("--kernels", default="", help="comma-separated parts of kernel names (default: all)")
+    parser.add_argument("--all-configs", action="store_true", help="every config of each tuned list")
+    parser.add_argument("--out", default=None, help="write kernel_asm.json there")
+    return parser.parse_args(argv)
+
+
+class StandInDriver:
+    """What ``JITFunction.warmup`` asks of a driver: a device, a stream, the target (Hopper)."""
+
+    def __init__(self, capability: int = 90):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_benchmarker(self):
+        raise RuntimeError("no GPU: nothing is timed here")
+
+
+def ptxas_report(ptx: str) -> dict:
+    """Registers, spill bytes, stack frame from ``ptxas -v`` on ``ptx`` (Triton's bundled ptxas, sm_90a)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(90).path  # the Triton releases differ here
+    except TypeError:
+        ptxas = get_ptxas().path
+    path = Path("/tmp") / f"kernel_asm_{os.getpid()}.ptx"
+    path.write_text(ptx)
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", "/dev/null"], capture_output=True, text=True)
+    path.unlink()
+    info = run.stdout + run.stderr
+
+    def number(pattern):
+        found = re.search(pattern, info)
+        return int(found.group(1)) if found else None
+
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"))
+
+
+def capture_launches(args) -> list[tuple]:
+    """Run the deg-2 forward and backward host code on CPU tensors; return every Triton launch it makes as
+    ``(kernel, launch args, constants, configs)`` instead of launching it. (Tuned launches go through
+    ``function._launch``; direct ones, with their meta parameters given, are compiled where they are made and
+    come back with ``configs`` holding that one compiled kernel.)"""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from retention_kernels.triton import function
+
+    launches = []
+
+    def catch(tuned, kernel, grid, launch_args, constants, meta_names):
+        configs = list(tuned.configs) if tuned is not None else []
+        launches.append((kernel, launch_args, constants, configs))
+
+    function._launch = catch
+    run = JITFunction.run
+
+    def compile_only(self, *launch_args, grid, warmup, **kwargs):
+        compiled = run(self, *launch_args, grid=grid, warmup=True, **kwargs)
+        if not warmup:
+            launches.append((self, launch_args, kwargs, [compiled]))
+        return compiled
+
+    JITFunction.run = compile_only
+    dtype = getattr(torch, args.dtype)
+    b, t, h, d = 1, args.t, args.heads, args.d
+    Q, K, V = (torch.randn(b, t, h, d, dtype=dtype) for _ in range(3))
+    log_G = None if args.no_gates else -torch.rand(b, t, h)
+    scale = d ** -0.5
+    Y, den, final, final_M, states, Ms, G = function._pair_forward(Q, K, V, log_G, None, None, scale, 1024)
+    try:
+        function._pair_backward(torch.randn_like(Y), None, None, Q, K, V, log_G, G, Y, den, states, Ms, False, scale,
+                                1024)
+    except Exception as error:  # the host code past the caught launches (gate sums) may need real outputs
+        print(f"(backward host code stopped after its launches: {type(error).__name__})", file=sys.stderr)
+    return launches
+
+
+def compile_row(kernel, launch_args, constants, config) -> dict:
+    """One row of the table: ``config`` a ``triton.Config`` to compile, or a kernel compiled at a direct launch."""
+    if hasattr(config, "asm"):
+        compiled, meta = config, {key: value for key, value in constants.items() if key.isupper()}
+    else:
+        compiled = kernel.warmup(*launch_args, grid=(1,), **constants, **config.kwargs, num_warps=config.num_warps,
+                                 num_stages=config.num_stages)
+        meta = dict(config.kwargs)
+    ptx = compiled.asm["ptx"]
+    return dict(kernel=kernel.__name__, config=meta, warps=compiled.metadata.num_warps,
+                stages=compiled.metadata.num_stages, shared_kb=round(compiled.metadata.shared / 1024, 1),
+                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"), **ptxas_report(ptx))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_asm.py compiles real kernels: unset TRITON_INTERPRET")
+    from triton.runtime.driver import driver
+
+    driver.set_active(StandInDriver())
+    wanted = [part for part in args.kernels.split(",") if part]
+    rows = []
+    for kernel, launch_args, constants, configs in capture_launches(args):
+        if wanted and not any(part in kernel.__name__ for part in wanted):
+            continue
+        for config in configs if args.all_configs else configs[:1]:
+            try:
+                row = compile_row(kernel, launch_args, constants, config)
+            except Exception as error:  # e.g. a config over the shared memory: say so, go on
+                row = dict(kernel=kernel.__name__, config=dict(getattr(config, "kwargs", {})),
+                           error=f"{type(error).__name__}: {str(error)[:200]}")
+            rows.append(row)
+            print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+    if args.out:
+        import triton
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        result = dict(triton=triton.__version__, target="sm_90a", shape=dict(t=args.t, d=args.d, h=args.heads),
+                      dtype=args.dtype, gates=not args.no_gates, rows=rows)
+        (Path(args.out) / "kernel_asm.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""benchmarks/kernel_asm.py: the deg-2 kernels compile for sm_90a on the CPU through the real host code, and the
+report says what a device call would otherwise have to find out (registers, spills, the matrix instructions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_reports_registers_spills_and_wgmma(run_compiled, tmp_path):
+    result = run_compiled(str(ROOT / "benchmarks/kernel_asm.py"), "--t", "2048", "--kernels", "pair_output",
+                          "--out", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads((tmp_path / "kernel_asm.json").read_text())
+    assert report["target"] == "sm_90a" and report["gates"]
+    (row,) = report["rows"]  # the output kernel's first config only
+    assert row["kernel"] == "pair_output_kernel" and "error" not in row, row
+    assert row["config"] == {"BQ": 64, "BK": 64, "BU": 16} and row["warps"] == 4
+    assert 0 < row["registers"] <= 255
+    assert row["spill_stores"] >= 0 and row["spill_loads"] >= 0
+    # the products run on Hopper's warpgroup MMA, not the per-warp path
+    assert row["wgmma"] > 0 and row["mma_sync"] == 0
+    assert 0 < row["shared_kb"] <= 227
