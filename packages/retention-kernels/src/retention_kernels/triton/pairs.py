@@ -96,24 +96,21 @@ def _outer_vjp(run_i, acc_j, dphi, xi_w, xj_w, block_j, ROWS: tl.constexpr, BU: 
 
 
 @triton.jit
-def _flush_run(acc_i, acc_j, run_i, first_i, BU: tl.constexpr, NBP: tl.constexpr):
-    """Place a run's ``i`` gradient (coordinates ``first_i .. first_i + BU``) in ``acc_j`` (whole blocks, BU = 16)
-    or in ``acc_i [ROWS, 16 NBP / BU, BU]`` (half blocks); ``_vjp_total`` sums the two."""
+def _flush_run(acc, run_i, first_i, ROWS: tl.constexpr, BU: tl.constexpr, NBP: tl.constexpr):
+    """Place a run's ``i`` gradient (coordinates ``first_i .. first_i + BU``) in its block of ``acc [ROWS, NBP,
+    16]``. A half block (BU = 8) is widened to the block's 16 columns first, zeros in the other half: one
+    accumulator for both sides of the pairs (a second one for the half blocks cost 32 registers a thread, and
+    the gradient kernels spill at the 255 limit)."""
     if BU == 16:
-        acc_j += tl.where(tl.arange(0, NBP)[None, :, None] == first_i // 16, run_i[:, None, :], 0.0)
+        block_grad = run_i
     else:
-        slots = tl.arange(0, NBP * 16 // BU)[None, :, None]
-        acc_i += tl.where(slots == first_i // BU, run_i[:, None, :], 0.0)
-    return acc_i, acc_j
-
-
-@triton.jit
-def _vjp_total(acc_i, acc_j, ROWS: tl.constexpr, BU: tl.constexpr, DP: tl.constexpr):
-    """``[ROWS, DP]``: the coordinate gradients gathered by ``_outer_vjp`` and ``_flush_run``."""
-    total = tl.reshape(acc_j, (ROWS, DP))
-    if BU < 16:
-        total += tl.reshape(acc_i, (ROWS, DP))
-    return total
+        zeros = tl.zeros((ROWS, BU), dtype=tl.float32)
+        if first_i % 16 == 0:
+            halves = tl.join(run_i, zeros)  # [ROWS, BU, 2]: half 0 is the block's first BU coordinates
+        else:
+            halves = tl.join(zeros, run_i)
+        block_grad = tl.reshape(tl.permute(halves, (0, 2, 1)), (ROWS, 16))
+    return acc + tl.where(tl.arange(0, NBP)[None, :, None] == first_i // 16, block_grad[:, None, :], 0.0)
 
 
 @triton.jit
@@ -124,7 +121,6 @@ def _state_vjp(X, rows, sx_t, row_mask, sx_d, d, PAIRS, NP, state_base, e, colum
     ``[ROWS, EP]``, against the state ``S [DI, e]`` at ``state_base``: ``J_phi(x)^T (S u)`` fp32 ``[ROWS, DP]``
     and, with VALUE_GRAD, ``phi(x)^T S`` fp32 ``[ROWS, EP]`` (else zeros)."""
     NBP: tl.constexpr = DP // 16
-    acc_i = tl.zeros((ROWS, NBP * 16 // BU, BU), dtype=tl.float32)
     acc_j = tl.zeros((ROWS, NBP, 16), dtype=tl.float32)
     run_i = tl.zeros((ROWS, BU), dtype=tl.float32)
     value_grad = tl.zeros((ROWS, EP), dtype=tl.float32)
@@ -133,7 +129,7 @@ def _state_vjp(X, rows, sx_t, row_mask, sx_d, d, PAIRS, NP, state_base, e, colum
         xi, xj, state_tile, weight, first_i, block_j = _pair_operands(PAIRS, tile, NP, X, rows, sx_t, row_mask, sx_d,
                                                                       d, state_base, e, columns, BU)
         if first_i != current_i:  # a new run: the last one's i gradient to its place
-            acc_i, acc_j = _flush_run(acc_i, acc_j, run_i, current_i, BU, NBP)
+            acc_j = _flush_run(acc_j, run_i, current_i, ROWS, BU, NBP)
             run_i = tl.zeros((ROWS, BU), dtype=tl.float32)
             current_i = first_i
         S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
@@ -142,8 +138,8 @@ def _state_vjp(X, rows, sx_t, row_mask, sx_d, d, PAIRS, NP, state_base, e, colum
             value_grad += tl.dot(_outer(xi_w, xj, ROWS, BU).to(OP), S, input_precision=PRECISION)
         dphi = tl.dot(u, tl.trans(S), input_precision=PRECISION)  # d/d(w xi xj): the weight goes on xi, xj
         run_i, acc_j = _outer_vjp(run_i, acc_j, dphi, xi_w, xj * weight, block_j, ROWS, BU, NBP)
-    acc_i, acc_j = _flush_run(acc_i, acc_j, run_i, current_i, BU, NBP)
-    return _vjp_total(acc_i, acc_j, ROWS, BU, DP), value_grad
+    acc_j = _flush_run(acc_j, run_i, current_i, ROWS, BU, NBP)
+    return tl.reshape(acc_j, (ROWS, DP)), value_grad
 
 
 @triton.jit
