@@ -10,6 +10,7 @@ there too for its own answer).
 The kernels are reached through the real host code (``_pair_forward`` / ``_pair_backward`` on CPU tensors): its
 launches are caught and each config is compiled with ``warmup`` against a stand-in driver that only names the
 target. Without ``--all-configs`` each kernel's first config (the one untuned launches take) is compiled.
+(``tests/hopper_fit.py`` uses the same capture to check that every kernel has a config that fits an SM.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,12 +85,31 @@ def ptxas_report(ptx: str) -> dict:
                 spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"))
 
 
-def capture_launches(args) -> list[tuple]:
-    """Run the deg-2 forward and backward host code on CPU tensors; return every Triton launch it makes as
-    ``(kernel, launch args, constants, configs)`` instead of launching it. (Tuned launches go through
-    ``function._launch``; direct ones, with their meta parameters given, are compiled where they are made and
-    come back with ``configs`` holding that one compiled kernel.)"""
+@dataclass
+class Launch:
+    """One Triton launch of the host code: a tuned one (``configs``: its list, fallbacks last) or a direct one
+    (``compiled``: the kernel as built where the launch was made, its meta parameters given)."""
+
+    kernel: object
+    args: tuple
+    constants: dict
+    configs: list = field(default_factory=list)
+    compiled: object = None
+
+    def compile(self, config):
+        """This launch's kernel built with ``config`` (a ``triton.Config``) for the stand-in driver's target."""
+        return self.kernel.warmup(*self.args, grid=(1,), **self.constants, **config.kwargs,
+                                  num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def capture_launches(dtype: str = "bfloat16", t: int = 4096, d: int = 64, heads: int = 8, gates: bool = True,
+                     capability: int = 90) -> list[Launch]:
+    """Run the deg-2 forward and backward host code on CPU tensors and return every Triton launch it makes,
+    compiled for ``sm_<capability>`` instead of launched (tuned launches go through ``function._launch``, direct
+    ones through ``JITFunction.run``; both are patched back afterwards). One target per process: Triton keeps the
+    first one it sees."""
     import torch
+    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     from retention_kernels.triton import function
@@ -96,43 +117,42 @@ def capture_launches(args) -> list[tuple]:
     launches = []
 
     def catch(tuned, kernel, grid, launch_args, constants, meta_names):
-        configs = list(tuned.configs) if tuned is not None else []
-        launches.append((kernel, launch_args, constants, configs))
-
-    function._launch = catch
-    run = JITFunction.run
+        configs = [*tuned.configs, *tuned.fallbacks] if tuned is not None else []
+        launches.append(Launch(kernel, launch_args, constants, configs))
 
     def compile_only(self, *launch_args, grid, warmup, **kwargs):
         compiled = run(self, *launch_args, grid=grid, warmup=True, **kwargs)
         if not warmup:
-            launches.append((self, launch_args, kwargs, [compiled]))
+            launches.append(Launch(self, launch_args, kwargs, compiled=compiled))
         return compiled
 
-    JITFunction.run = compile_only
-    dtype = getattr(torch, args.dtype)
-    b, t, h, d = 1, args.t, args.heads, args.d
-    Q, K, V = (torch.randn(b, t, h, d, dtype=dtype) for _ in range(3))
-    log_G = None if args.no_gates else -torch.rand(b, t, h)
-    scale = d ** -0.5
-    Y, den, final, final_M, states, Ms, G = function._pair_forward(Q, K, V, log_G, None, None, scale, 1024)
+    driver.set_active(StandInDriver(capability))
+    launch, run = function._launch, JITFunction.run
+    function._launch, JITFunction.run = catch, compile_only
     try:
-        function._pair_backward(torch.randn_like(Y), None, None, Q, K, V, log_G, G, Y, den, states, Ms, False, scale,
-                                1024)
-    except Exception as error:  # the host code past the caught launches (gate sums) may need real outputs
-        print(f"(backward host code stopped after its launches: {type(error).__name__})", file=sys.stderr)
+        b, scale = 1, d ** -0.5
+        Q, K, V = (torch.randn(b, t, heads, d, dtype=getattr(torch, dtype)) for _ in range(3))
+        log_G = -torch.rand(b, t, heads) if gates else None
+        Y, den, final, final_M, states, Ms, G = function._pair_forward(Q, K, V, log_G, None, None, scale, 1024)
+        try:
+            function._pair_backward(torch.randn_like(Y), None, None, Q, K, V, log_G, G, Y, den, states, Ms, False,
+                                    scale, 1024)
+        except Exception as error:  # the host code past the caught launches (gate sums) may need real outputs
+            print(f"(backward host code stopped after its launches: {type(error).__name__})", file=sys.stderr)
+    finally:
+        function._launch, JITFunction.run = launch, run
     return launches
 
 
-def compile_row(kernel, launch_args, constants, config) -> dict:
-    """One row of the table: ``config`` a ``triton.Config`` to compile, or a kernel compiled at a direct launch."""
-    if hasattr(config, "asm"):
-        compiled, meta = config, {key: value for key, value in constants.items() if key.isupper()}
+def compile_row(launch: Launch, config=None) -> dict:
+    """One row of the table: ``launch`` built with ``config`` (or as it was built, for a direct launch)."""
+    if config is None:
+        compiled = launch.compiled
+        meta = {key: value for key, value in launch.constants.items() if key.isupper()}
     else:
-        compiled = kernel.warmup(*launch_args, grid=(1,), **constants, **config.kwargs, num_warps=config.num_warps,
-                                 num_stages=config.num_stages)
-        meta = dict(config.kwargs)
+        compiled, meta = launch.compile(config), dict(config.kwargs)
     ptx = compiled.asm["ptx"]
-    return dict(kernel=kernel.__name__, config=meta, warps=compiled.metadata.num_warps,
+    return dict(kernel=launch.kernel.__name__, config=meta, warps=compiled.metadata.num_warps,
                 stages=compiled.metadata.num_stages, shared_kb=round(compiled.metadata.shared / 1024, 1),
                 wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"), **ptxas_report(ptx))
 
@@ -141,19 +161,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_asm.py compiles real kernels: unset TRITON_INTERPRET")
-    from triton.runtime.driver import driver
-
-    driver.set_active(StandInDriver())
     wanted = [part for part in args.kernels.split(",") if part]
     rows = []
-    for kernel, launch_args, constants, configs in capture_launches(args):
-        if wanted and not any(part in kernel.__name__ for part in wanted):
+    for launch in capture_launches(args.dtype, args.t, args.d, args.heads, not args.no_gates):
+        if wanted and not any(part in launch.kernel.__name__ for part in wanted):
             continue
-        for config in configs if args.all_configs else configs[:1]:
+        configs = launch.configs if args.all_configs else launch.configs[:1]
+        for config in configs or [None]:
             try:
-                row = compile_row(kernel, launch_args, constants, config)
+                row = compile_row(launch, config)
             except Exception as error:  # e.g. a config over the shared memory: say so, go on
-                row = dict(kernel=kernel.__name__, config=dict(getattr(config, "kwargs", {})),
+                row = dict(kernel=launch.kernel.__name__, config=dict(getattr(config, "kwargs", {})),
                            error=f"{type(error).__name__}: {str(error)[:200]}")
             rows.append(row)
             print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)

@@ -327,7 +327,12 @@ def test_every_kernel_fits_hopper_shared_memory(run_compiled):
 
     result = run_compiled(str(Path(__file__).with_name("hopper_fit.py")), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert result.stdout.count("fits ") == 15  # 5 kernels x 3 dtypes
+    # every tuned launch of one fwd+bwd (the chunk contributions twice) for each dtype
+    kernels = ["pair_chunk_contribution_kernel", "pair_output_kernel", "pair_chunk_contribution_kernel backward",
+               "pair_query_grad_kernel", "pair_key_state_grad_kernel", "pair_key_value_grad_kernel"]
+    for dtype in ("bfloat16", "float16", "float32"):
+        fits = [line for line in result.stdout.splitlines() if line.startswith(f"fits sm_90 {dtype} d128 ")]
+        assert [line.split(" d128 ")[1].split(":")[0] for line in fits] == kernels, result.stdout
 
 
 def test_deg3_tiles_that_avoid_the_hopper_miscompile(interpreter, monkeypatch):
