@@ -1,10 +1,14 @@
-"""The working tree's Triton kernels against an earlier version's, timed in one device call (same machine, same
-run: the only comparison that separates a kernel change from the noise between calls).
+"""The working tree's Triton kernels against an earlier version's, and any number of candidate versions, timed in
+one device call (same machine, same run: the only comparison that separates a kernel change from the noise
+between calls).
 
     git archive REF packages/retention-kernels/src | (mkdir -p dist/ab-ref && tar -x -C dist/ab-ref)
-    python3 benchmarks/gpu_ab.py [--ref dist/ab-ref] [--cases 2:65536:1,1:4096:16] [--out DIR] [--dry-run]
+    git archive BRANCH packages/retention-kernels/src | (mkdir -p dist/ab-NAME && tar -x -C dist/ab-NAME)
+    python3 benchmarks/gpu_ab.py [--ref dist/ab-ref] [--variants dist/ab-NAME,...] [--cases 2:65536:1,1:4096:16]
+                                 [--out DIR] [--dry-run]
 
-For each case ``deg:t:b`` (h 8, d 64, bf16, gates, default chunk) and each side it runs
+For each case ``deg:t:b`` (h 8, d 64, bf16, gates, default chunk) and each side (the reference, each variant,
+named by its folder, then the working tree) it runs
 ``gpu_kernel_profile.py --no-sweep`` in a process of its own (``PYTHONPATH`` on that side's kernels, a Triton
 cache of its own), reference first. Prints the whole fwd+bwd and every kernel side by side, writes
 ``DIR/gpu_ab.json`` and ``DIR/gpu_ab.png``. (``gpu_session.sh ab`` runs it on the device.) --dry-run: tiny fp32
@@ -26,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ref", default="dist/ab-ref", help="a folder holding packages/retention-kernels/src")
+    parser.add_argument("--variants", default="", help="more such folders, comma-separated, timed beside the two")
     parser.add_argument("--cases", default="2:65536:1,1:4096:16", help="deg:t:b, comma-separated")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per profile run")
@@ -72,10 +77,13 @@ def plot(cases: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
     for axis, case in zip(axes[0], cases):
+        sides = list(case["ms"])
         names = list(case["ms"]["tree"] or case["ms"]["ref"])
-        for offset, side in ((-0.2, "ref"), (0.2, "tree")):
+        height = 0.8 / len(sides)
+        for number, side in enumerate(sides):
+            offset = (number - (len(sides) - 1) / 2) * height
             axis.barh([i + offset for i in range(len(names))], [case["ms"][side].get(n, 0.0) for n in names],
-                      height=0.4, label=side)
+                      height=height, label=side)
         axis.set_yticks(range(len(names)), [name[:40] for name in names], fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("ms")
@@ -85,26 +93,40 @@ def plot(cases: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def kernel_tree(folder: str, option: str) -> Path:
+    tree = Path(folder) / "packages/retention-kernels/src"
+    if not tree.is_dir():
+        raise SystemExit(f"{option} {folder}: no packages/retention-kernels/src there (make it with git archive, "
+                         "see the docstring)")
+    return tree.resolve()
+
+
+def moved_from(old: float, new: float) -> str:
+    return f"{new:8.3f} ({new / old - 1:+.1%})"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    ref = Path(args.ref) / "packages/retention-kernels/src"
-    if not ref.is_dir():
-        raise SystemExit(f"--ref {args.ref}: no packages/retention-kernels/src there (make it with git archive, "
-                         "see the docstring)")
-    sides = {"ref": ref.resolve(), "tree": ROOT / "packages/retention-kernels/src"}
+    sides = {"ref": kernel_tree(args.ref, "--ref")}
+    for folder in filter(None, args.variants.split(",")):
+        sides[Path(folder).name] = kernel_tree(folder, "--variants")
+    sides["tree"] = ROOT / "packages/retention-kernels/src"
     cases = []
     for spec in args.cases.split(","):
         deg, t, b = (int(x) for x in spec.split(":"))
         ms = {side: times(profile(side, kernels, deg, t, b, args)) for side, kernels in sides.items()}
         cases.append(dict(deg=deg, t=t, b=b, ms=ms))
-        print(f"\n# deg {deg}, t {t}, b {b}: ms (ref -> tree)", flush=True)
+        others = [side for side in sides if side != "ref"]
+        print(f"\n# deg {deg}, t {t}, b {b}: ms, ref -> {', '.join(others)} (change against ref)", flush=True)
         for name in ms["tree"] or ms["ref"]:
-            old, new = ms["ref"].get(name, float("nan")), ms["tree"].get(name, float("nan"))
-            print(f"{name[:40]:40s} {old:8.3f} -> {new:8.3f}  ({new / old - 1:+.1%})", flush=True)
+            old = ms["ref"].get(name, float("nan"))
+            moved = "  ".join(moved_from(old, ms[side].get(name, float("nan"))) for side in others)
+            print(f"{name[:40]:40s} {old:8.3f} -> {moved}", flush=True)
     out = Path(args.out)
-    (out / "gpu_ab.json").write_text(json.dumps(dict(ref=str(args.ref), cases=cases), indent=1))
+    (out / "gpu_ab.json").write_text(json.dumps(dict(ref=str(args.ref), variants=list(sides)[1:-1], cases=cases),
+                                                indent=1))
     plot(cases, out / "gpu_ab.png")
-    return 0 if all(c["ms"]["ref"] and c["ms"]["tree"] for c in cases) else 1
+    return 0 if all(all(case["ms"].values()) for case in cases) else 1
 
 
 if __name__ == "__main__":
