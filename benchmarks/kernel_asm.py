@@ -103,10 +103,11 @@ class Launch:
 
 
 def capture_launches(dtype: str = "bfloat16", t: int = 4096, d: int = 64, heads: int = 8, gates: bool = True,
-                     capability: int = 90) -> list[Launch]:
-    """Run the deg-2 forward and backward host code on CPU tensors and return every Triton launch it makes,
-    compiled for ``sm_<capability>`` instead of launched (tuned launches go through ``function._launch``, direct
-    ones through ``JITFunction.run``; both are patched back afterwards). One target per process: Triton keeps the
+                     state: bool = False, capability: int = 90) -> list[Launch]:
+    """Run the deg-2 forward and backward host code on CPU tensors (``state``: from an initial state, and with a
+    cotangent of the final one) and return every Triton launch it makes, compiled for ``sm_<capability>`` instead
+    of launched (tuned launches go through ``function._launch``, direct ones through ``JITFunction.run``; both are
+    patched back afterwards). A kernel that does not compile raises. One target per process: Triton keeps the
     first one it sees."""
     import torch
     from triton.runtime.driver import driver
@@ -133,12 +134,12 @@ def capture_launches(dtype: str = "bfloat16", t: int = 4096, d: int = 64, heads:
         b, scale = 1, d ** -0.5
         Q, K, V = (torch.randn(b, t, heads, d, dtype=getattr(torch, dtype)) for _ in range(3))
         log_G = -torch.rand(b, t, heads) if gates else None
-        Y, den, final, final_M, states, Ms, G = function._pair_forward(Q, K, V, log_G, None, None, scale, 1024)
-        try:
-            function._pair_backward(torch.randn_like(Y), None, None, Q, K, V, log_G, G, Y, den, states, Ms, False,
-                                    scale, 1024)
-        except Exception as error:  # the host code past the caught launches (gate sums) may need real outputs
-            print(f"(backward host code stopped after its launches: {type(error).__name__})", file=sys.stderr)
+        layout = function._pair_layout(d, Q.device)
+        S0 = torch.zeros(b, heads, layout.DI, d) if state else None
+        M0 = torch.zeros(b, heads, layout.DP, layout.DP) if state else None
+        Y, den, final, final_M, states, Ms, G = function._pair_forward(Q, K, V, log_G, S0, M0, scale, 1024)
+        # with a state, the final state's cotangent too: both scans then start from one
+        function._pair_backward(torch.randn_like(Y), S0, M0, Q, K, V, log_G, G, Y, den, states, Ms, state, scale, 1024)
     finally:
         function._launch, JITFunction.run = launch, run
     return launches

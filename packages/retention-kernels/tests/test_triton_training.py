@@ -319,10 +319,12 @@ def test_dispatch_calls_no_importlib(interpreter, monkeypatch):
     assert Y.shape == args[0].shape
 
 
-def test_every_kernel_fits_hopper_shared_memory(run_compiled):
-    """Each tuned deg-2 kernel has a config that fits an sm_90 SM's shared memory at d = 128 in bf16/fp16/fp32 (an
-    fp16 d=128 check once failed on the H200 with OutOfResources): compiled for sm_90 without a GPU, in a process
-    where the kernels are not interpreted (tests/hopper_fit.py)."""
+def test_every_kernel_compiles_and_fits_hopper(run_compiled):
+    """Every deg-2 kernel of one fwd+bwd from an initial state compiles for sm_90 (the interpreter does not
+    type-check like the compiler: it let a branch type mismatch and the cotangent's bit arithmetic through), and
+    each tuned one has a config that fits an SM's shared memory at d = 128 in bf16/fp16/fp32 (an fp16 d=128 check
+    once failed on the H200 with OutOfResources): without a GPU, in a process where the kernels are not
+    interpreted (tests/hopper_fit.py)."""
     from pathlib import Path
 
     result = run_compiled(str(Path(__file__).with_name("hopper_fit.py")), timeout=900)
@@ -330,9 +332,19 @@ def test_every_kernel_fits_hopper_shared_memory(run_compiled):
     # every tuned launch of one fwd+bwd (the chunk contributions twice) for each dtype
     kernels = ["pair_chunk_contribution_kernel", "pair_output_kernel", "pair_chunk_contribution_kernel backward",
                "pair_query_grad_kernel", "pair_key_state_grad_kernel", "pair_key_value_grad_kernel"]
+    # the direct launches, the cotangent in each dtype's rounding (bf16 dn; tf32 for fp16 inputs; none for fp32)
+    rounding = {"bfloat16": 1, "float16": 2, "float32": 0}
     for dtype in ("bfloat16", "float16", "float32"):
         fits = [line for line in result.stdout.splitlines() if line.startswith(f"fits sm_90 {dtype} d128 ")]
         assert [line.split(" d128 ")[1].split(":")[0] for line in fits] == kernels, result.stdout
+        compiled = [line.split(" d128 ")[1] for line in result.stdout.splitlines()
+                    if line.startswith(f"compiled sm_90 {dtype} d128 ")]
+        assert compiled == [
+            "pair_slot_scan_kernel {'BACKWARD': False, 'HAS_INIT': True}",
+            f"output_cotangent_kernel {{'ROUNDING': {rounding[dtype]}}}",
+            "pair_slot_scan_kernel {'BACKWARD': True, 'HAS_INIT': True}",
+            "chunk_inner_product_kernel {}", "chunk_inner_product_kernel {}", "gate_gradient_kernel {}",
+        ], result.stdout
 
 
 def test_deg3_tiles_that_avoid_the_hopper_miscompile(interpreter, monkeypatch):

@@ -314,28 +314,3 @@ def reference_state_pass(X, V, delta, log_G, layout, C, init, init_M, h, scale, 
     states = torch.stack(states, 2).reshape(b * h, n, layout.DI, e)
     Ms = torch.stack(Ms, 2).reshape(b * h, n, layout.DP, layout.DP)
     return states, Ms, S, M
-
-
-def compile_for(arch: int = 90) -> str:
-    """Compile the first tuned config of both kernels (forward and backward contributions, the scan; bf16, gates,
-    d=64) for ``sm_<arch>`` without a GPU (triton's bundled ptxas): the compiler's type checks, which the
-    interpreter skips. Needs ``TRITON_INTERPRET`` unset when this module was imported."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    types = {"X": "*bf16", "V": "*bf16", "STATES": "*bf16", "PAIRS": "*i32", "query_factor": "fp32"}
-    types.update({name: "*fp32" for name in ("DELTA", "G", "FINAL", "MS", "FINAL_M", "INIT", "INIT_M")})
-    first = _TUNED_CONTRIBUTION.configs[0] if _TUNED_CONTRIBUTION is not None else None
-    if first is None:
-        raise RuntimeError("compile_for needs the kernels compiled, not interpreted (TRITON_INTERPRET is set)")
-    variants = [(pair_chunk_contribution_kernel, first.num_warps, first.num_stages,
-                 dict(BACKWARD=backward, HAS_GATE=True, DP=64, EP=64, OP=tl.bfloat16, PRECISION="tf32",
-                      GRAM_PRECISION="tf32", **first.kwargs)) for backward in (False, True)]
-    variants.append((pair_slot_scan_kernel, _SCAN_WARPS, 1,
-                     dict(BACKWARD=True, HAS_GATE=True, HAS_INIT=True, BLOCK=_SCAN_BLOCK)))
-    for kernel, num_warps, num_stages, constants in variants:
-        signature = {name: types.get(name, "i32") for name in kernel.arg_names}
-        signature.update({name: "constexpr" for name in constants})
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                       target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    return f"compiled {len(variants)} kernels for sm_{arch}"
