@@ -58,7 +58,8 @@ ROW_SWEEP = [  # meta parameters a kernel does not take are dropped (BU: the pai
     (dict(BQ=64, BK=64, BU=8), 4, 1), (dict(BQ=64, BK=64, BU=8), 4, 2), (dict(BQ=64, BK=64, BU=8), 4, 3),
     (dict(BQ=64, BK=64, BU=8), 8, 2), (dict(BQ=128, BK=64, BU=8), 8, 2), (dict(BQ=128, BK=128, BU=8), 8, 2),
     (dict(BQ=64, BK=32, BU=16), 4, 2), (dict(BQ=32, BK=64, BU=16), 4, 2),
-    # two warpgroups on 128 rows (flash-attention's usual Hopper shape), not yet measured
+    # two warpgroups on 128 rows (flash-attention's usual Hopper shape): slower in every kernel on an H200
+    # (benchmarks/results/gpu_kernel_profile_2026-12-03_eve.json)
     (dict(BQ=128, BK=64, BU=16), 8, 2), (dict(BQ=128, BK=64, BU=8), 8, 3), (dict(BQ=128, BK=64, BU=8), 8, 1),
 ]
 STATE_SWEEP = [
