@@ -1,11 +1,14 @@
 """Where the deg-2 Triton time goes: every kernel of one power_retention fwd+bwd, split and re-tuned.
 
     PYTHONPATH=packages/retention-core/src:packages/retention-kernels/src python3 benchmarks/gpu_kernel_profile.py \
-        [--t 65536] [--b 1] [--heads 8] [--d 64] [--deg 2] [--no-sweep] [--strided] [--out DIR] [--dry-run]
+        [--t 65536] [--b 1] [--heads 8] [--d 64] [--deg 2] [--no-sweep | --intra-sweep] [--strided] [--out DIR]
+        [--dry-run]
 
 Records the launches of one fwd+bwd (bf16, gating on, the default chunk), then replays each one alone (do_bench
 medians) as tuned, with the intra-chunk part only (``NP = 0``: the state loop runs no pair), without the gates'
-work (``HAS_GATE=False``) and under a sweep of explicit configs (block rows, warps, pipeline stages). Prints a
+work (``HAS_GATE=False``) and under a sweep of explicit configs (block rows, warps, pipeline stages);
+``--intra-sweep`` sweeps the intra-chunk part alone instead (``NP = 0``, the kernels that have both: what a
+separate intra-chunk kernel would gain from its own tile shape). Prints a
 table, writes ``DIR/gpu_kernel_profile.json`` (``gpu_kernel_profile_deg<p>.json`` for ``--deg`` other than 2,
 whose kernels are only timed whole: they launch without the tuned lists that the replays use). Also the peak
 memory of one fwd+bwd above its inputs, outputs and gradients (issue 3's target: at most 1 GiB at 64k).
@@ -35,6 +38,8 @@ def parse_args():
     parser.add_argument("--strided", action="store_true",
                         help="Q, K, V as views of one [b, t, 3 h, d] projection (retention_train's model's layout)")
     parser.add_argument("--no-sweep", action="store_true", help="each kernel as tuned only (no variants)")
+    parser.add_argument("--intra-sweep", action="store_true",
+                        help="sweep the intra-chunk part alone (NP=0) of the kernels with a pair loop")
     parser.add_argument("--deg", type=int, default=2, help="deg 1 / 3 / 4: the whole time and top operations only")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true")
@@ -61,6 +66,11 @@ ROW_SWEEP = [  # meta parameters a kernel does not take are dropped (BU: the pai
     # two warpgroups on 128 rows (flash-attention's usual Hopper shape): slower in every kernel on an H200
     # (benchmarks/results/gpu_kernel_profile_2026-12-03_eve.json)
     (dict(BQ=128, BK=64, BU=16), 8, 2), (dict(BQ=128, BK=64, BU=8), 8, 3), (dict(BQ=128, BK=64, BU=8), 8, 1),
+]
+INTRA_SWEEP = [  # the intra-chunk block alone: flash-attention's shapes (two warpgroups, 128-key tiles) included
+    (dict(BQ=64, BK=64), 4, 2), (dict(BQ=64, BK=64), 4, 3), (dict(BQ=64, BK=128), 4, 2), (dict(BQ=64, BK=32), 4, 3),
+    (dict(BQ=128, BK=64), 8, 2), (dict(BQ=128, BK=64), 8, 3), (dict(BQ=128, BK=128), 8, 2),
+    (dict(BQ=128, BK=32), 8, 3), (dict(BQ=128, BK=64), 4, 2), (dict(BQ=128, BK=64), 4, 3),
 ]
 STATE_SWEEP = [
     (dict(BT=64, BU=8, PHI_T=True), 4, 3), (dict(BT=64, BU=16, PHI_T=True), 8, 3),
@@ -190,10 +200,17 @@ def main():
             args = list(launch["args"])
             args[names.index("NP")] = 0
             variants.append(("intra only (NP=0)", explicit(launch, meta, warps, stages, args=tuple(args))))
-        if launch["constants"].get("HAS_GATE"):
+            if ARGS.intra_sweep and "BQ" in launch["meta_names"]:
+                for config_meta, config_warps, config_stages in INTRA_SWEEP:
+                    variants.append((f"intra only {config_meta} w{config_warps} s{config_stages}", explicit(
+                        launch, {**meta, **config_meta}, config_warps, config_stages, args=tuple(args))))
+        if ARGS.intra_sweep:
+            if len(variants) == 1:  # no intra-chunk part to sweep alone
+                variants = []
+        elif launch["constants"].get("HAS_GATE"):
             variants.append(("no gates", explicit(launch, meta, warps, stages,
                                                  constants={**launch["constants"], "HAS_GATE": False})))
-        sweep = STATE_SWEEP if "BT" in launch["meta_names"] else ROW_SWEEP
+        sweep = [] if ARGS.intra_sweep else STATE_SWEEP if "BT" in launch["meta_names"] else ROW_SWEEP
         swept = set()
         for config_meta, config_warps, config_stages in sweep:
             config_meta = {k: v for k, v in config_meta.items() if k in launch["meta_names"]}

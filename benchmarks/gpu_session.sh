@@ -14,6 +14,7 @@
 #     bash benchmarks/gpu_session.sh compile                 # issue 3: the torch.compile(fullgraph=True) checks
 #     bash benchmarks/gpu_session.sh quick-checks profile    # issue 3: quick oracle checks, then every deg-2 kernel
 #     bash benchmarks/gpu_session.sh profile-lite ratios     # issue 3: deg 2 kernels as tuned at 64k and 16k, memory
+#     bash benchmarks/gpu_session.sh intra-sweep             # issue 3: the intra-chunk part alone, FA tile shapes
 #     bash benchmarks/gpu_session.sh profile1                # issue 3: deg 1's whole time, memory, top operations
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
@@ -135,6 +136,13 @@ case "$stage" in
     timeout "$(limit 290)" python3 benchmarks/gpu_kernel_profile.py --out "$OUT" > "$OUT/gpu_kernel_profile_log.txt" 2>&1
     echo "profile rc=$?"; grep -E "tuned|intra|no gates|whole|sum of|peak memory" "$OUT/gpu_kernel_profile_log.txt"
     ;;
+  intra-sweep)
+    # the intra-chunk part of the output and dQ kernels alone (NP = 0) under flash-attention's tile shapes: what
+    # a separate intra-chunk kernel would gain (gpu_kernel_profile.py --intra-sweep)
+    timeout "$(limit 290)" python3 benchmarks/gpu_kernel_profile.py --intra-sweep --out "$OUT" \
+      > "$OUT/gpu_kernel_profile_intra_log.txt" 2>&1
+    echo "intra-sweep rc=$?"; grep -E "tuned|intra|whole" "$OUT/gpu_kernel_profile_intra_log.txt"
+    ;;
   profile-lite)
     # deg 2 kernels as tuned (no variants): times, peak memory above inputs/outputs/gradients, top torch ops; at
     # t = 65536 (h 8), then at issue 8's training shape (t 16384, h 12, Q/K/V views of one projection)
@@ -182,7 +190,7 @@ case "$stage" in
     echo "asm rc=$?"; grep -vE "Warning|warn_once" "$OUT/kernel_asm_log.txt" | cut -c1-220 | tail -30
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite profile1 ratios d128-checks throughput ab asm)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite intra-sweep profile1 ratios d128-checks throughput ab asm)" >&2
     exit 2
     ;;
 esac
