@@ -17,6 +17,7 @@
 #     bash benchmarks/gpu_session.sh intra-sweep             # issue 3: the intra-chunk part alone, FA tile shapes
 #     bash benchmarks/gpu_session.sh profile1                # issue 3: deg 1's whole time, memory, top operations
 #     bash benchmarks/gpu_session.sh quick-checks ratios     # issue 3: ... then deg 1 / 2 against cuDNN SDPA, 4k-64k
+#     bash benchmarks/gpu_session.sh chunk-sweep             # issue 3: deg 2 chunk sizes at 4k-64k (the default's evidence)
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #     bash benchmarks/gpu_session.sh ab          # issue 3: these kernels against dist/ab-ref's in one call (gpu_ab.py)
 #     bash benchmarks/gpu_session.sh asm         # issue 3: registers / spills / wgmma per deg-2 config (kernel_asm.py)
@@ -164,6 +165,13 @@ case "$stage" in
       --time-budget "$(( $(limit 230) - 30 ))" --tag ratios --out "$OUT" > "$OUT/suite_ratios_log.txt" 2>&1
     echo "ratios rc=$?"; grep -E "retention\[triton\]|sdpa" "$OUT/suite_ratios_log.txt" | tail -14
     ;;
+  chunk-sweep)
+    # deg 2 fwd and fwd+bwd with chunks 256-2048 at 4k / 16k / 64k, SDPA in the same run: default_chunk_size's
+    # evidence (times, ratios, peak memory)
+    timeout "$(limit 420)" python3 benchmarks/gpu_triton.py --skip-checks --degs 2 --ts 4096,16384,65536 \
+      --chunks "${SWEEP_CHUNKS:-256,512,1024,2048}" --json "$OUT/gpu_chunk_sweep.json" > "$OUT/gpu_chunk_sweep_log.txt" 2>&1
+    echo "chunk-sweep rc=$?"; grep -E "^\|" "$OUT/gpu_chunk_sweep_log.txt"
+    ;;
   d128-checks)
     timeout "$(limit 300)" python3 benchmarks/gpu_triton.py --checks-only --only d128 > "$OUT/checks_d128_log.txt" 2>&1
     echo "d128 checks rc=$?"; grep -E "^\[|FAIL|Error|checks" "$OUT/checks_d128_log.txt" | cut -c1-160
@@ -190,7 +198,7 @@ case "$stage" in
     echo "asm rc=$?"; grep -vE "Warning|warn_once" "$OUT/kernel_asm_log.txt" | cut -c1-220 | tail -30
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite intra-sweep profile1 ratios d128-checks throughput ab asm)" >&2
+    echo "usage: bash benchmarks/gpu_session.sh STAGE... (decode checks checks:PARTS compile suite1 suite2 short large span-checks span-time quick-checks profile profile-lite intra-sweep profile1 ratios chunk-sweep d128-checks throughput ab asm)" >&2
     exit 2
     ;;
 esac

@@ -437,3 +437,15 @@ def test_wide_fp32_products_try_only_the_small_configs(monkeypatch, precision, d
     function._launch(tuned, Recording(), lambda meta: (1,), (), dict(PRECISION=precision, DP=dp), ("BQ", "BK"))
     assert launched == tried
     assert prune([big, small], None, PRECISION=precision, DP=dp) == ([small] if tried == ["small"] else [big, small])
+
+    # when nothing fits, each config was tried once (the filter's small configs are the fallbacks themselves)
+    class NothingFits:
+        __name__ = "pair_output_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    with pytest.raises(RuntimeError, match=rf"\({len(tried)} tried"):
+        function._launch(tuned, NothingFits(), lambda meta: (1,), (), dict(PRECISION=precision, DP=dp), ("BQ", "BK"))

@@ -493,7 +493,9 @@ def _launch(tuned, kernel, grid, args, constants, meta_names):
             _launch_first_fitting(kernel, grid, args, constants, tuned.fallbacks)
     else:
         candidates = tuned.early_config_prune(tuned.configs, None, **constants)
-        _launch_first_fitting(kernel, grid, args, constants, [*candidates, *tuned.fallbacks])
+        # the filter may return the fallbacks themselves (full-fp32 products at d > 64): each is tried once
+        fallbacks = [config for config in tuned.fallbacks if config not in candidates]
+        _launch_first_fitting(kernel, grid, args, constants, [*candidates, *fallbacks])
 
 
 def _launch_first_fitting(kernel, grid, args, constants, configs):
