@@ -61,7 +61,10 @@ def default_chunk_size(t: int, d: int, deg: int) -> int:
         # hit an illegal memory access in the minimal-layout output kernel on an H200; the deg-2 pair kernels
         # passed that case on the H200 in the bf16 check. The chunk for d < 64 is not tuned yet.)
         return min(t, 256)
-    return min(t, 1024)  # measured on an H200 (bf16, d=64): 1024 beats 256 and 512 and stores 4x fewer states
+    # H200, bf16, d=64, b t = 65536 (benchmarks/results/gpu_chunk_sweep_2026-12-03.json): 256 and 2048 lose
+    # everywhere; 512 takes 1-3% less fwd+bwd at 4k-64k but 0-5% more fwd, and its twice as many stored states
+    # peak 1.01 GiB above inputs, outputs and gradients at 64k (1024: 0.69; issue 3 allows 1)
+    return min(t, 1024)
 
 
 @dataclass(frozen=True)
