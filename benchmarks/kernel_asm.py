@@ -36,6 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-gates", action="store_true")
+    parser.add_argument("--deg", type=int, default=2, help="2: the block-pair kernels; 1, 3, 4: the minimal layout's")
     parser.add_argument("--kernels", default="", help="comma-separated parts of kernel names (default: all)")
     parser.add_argument("--all-configs", action="store_true", help="every config of each tuned list")
     parser.add_argument("--out", default=None, help="write kernel_asm.json there")
@@ -81,8 +82,11 @@ def ptxas_report(ptx: str) -> dict:
         found = re.search(pattern, info)
         return int(found.group(1)) if found else None
 
+    # C7515: ptxas found a wgmma accumulator written by other instructions inside a pipeline stage and made
+    # every wgmma of the kernel wait for the previous one (no overlap of the tensor cores with anything)
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
-                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"))
+                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"),
+                wgmma_serialized="C7515" in info)
 
 
 @dataclass
@@ -103,9 +107,10 @@ class Launch:
 
 
 def capture_launches(dtype: str = "bfloat16", t: int = 4096, d: int = 64, heads: int = 8, gates: bool = True,
-                     state: bool = False, capability: int = 90) -> list[Launch]:
-    """Run the deg-2 forward and backward host code on CPU tensors (``state``: from an initial state, and with a
-    cotangent of the final one) and return every Triton launch it makes, compiled for ``sm_<capability>`` instead
+                     state: bool = False, capability: int = 90, deg: int = 2) -> list[Launch]:
+    """Run the forward and backward host code of ``deg`` (2: the block-pair kernels; else the minimal-layout ones,
+    chunked as ``default_chunk_size``) on CPU tensors (``state``: from an initial state, and with a cotangent of
+    the final one) and return every Triton launch it makes, compiled for ``sm_<capability>`` instead
     of launched (tuned launches go through ``function._launch``, direct ones through ``JITFunction.run``; both are
     patched back afterwards). A kernel that does not compile raises. One target per process: Triton keeps the
     first one it sees."""
@@ -134,6 +139,16 @@ def capture_launches(dtype: str = "bfloat16", t: int = 4096, d: int = 64, heads:
         b, scale = 1, d ** -0.5
         Q, K, V = (torch.randn(b, t, heads, d, dtype=getattr(torch, dtype)) for _ in range(3))
         log_G = -torch.rand(b, t, heads) if gates else None
+        if deg != 2:
+            chunk = function.default_chunk_size(t, d, deg)
+            D = function.sympow_dim(d, deg)
+            S0 = torch.zeros(b, heads, D, d) if state else None
+            z0 = torch.zeros(b, heads, D) if state else None
+            Y, den, final, final_z, states, key_states, G = function._forward(Q, K, V, log_G, S0, z0, deg, scale,
+                                                                              chunk)
+            function._backward(torch.randn_like(Y), S0, z0, Q, K, V, log_G, G, Y, den, states, key_states, state,
+                               deg, scale, chunk)
+            return launches
         layout = function._pair_layout(d, Q.device)
         S0 = torch.zeros(b, heads, layout.DI, d) if state else None
         M0 = torch.zeros(b, heads, layout.DP, layout.DP) if state else None
@@ -164,7 +179,7 @@ def main(argv=None) -> int:
         raise SystemExit("kernel_asm.py compiles real kernels: unset TRITON_INTERPRET")
     wanted = [part for part in args.kernels.split(",") if part]
     rows = []
-    for launch in capture_launches(args.dtype, args.t, args.d, args.heads, not args.no_gates):
+    for launch in capture_launches(args.dtype, args.t, args.d, args.heads, not args.no_gates, deg=args.deg):
         if wanted and not any(part in launch.kernel.__name__ for part in wanted):
             continue
         configs = launch.configs if args.all_configs else launch.configs[:1]
@@ -182,7 +197,7 @@ def main(argv=None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = dict(triton=triton.__version__, target="sm_90a", shape=dict(t=args.t, d=args.d, h=args.heads),
                       dtype=args.dtype, gates=not args.no_gates, rows=rows)
-        (Path(args.out) / "kernel_asm.json").write_text(json.dumps(result, indent=1))
+        (Path(args.out) / "kernel_asm.json").write_text(json.dumps(result, indent=1, default=str))  # dtypes as names
     return 0
 
 

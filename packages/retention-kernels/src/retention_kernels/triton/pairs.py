@@ -306,16 +306,19 @@ def pair_output_kernel(
     )
 
     first_chunk_with_state = 0 if HAS_STATE else 1
-    if c >= first_chunk_with_state:
-        inter = tl.zeros((BQ, EP), dtype=tl.float32)
-        slot = (b * h + head) * n_chunks + c
-        state_base = STATES + slot.to(tl.int64) * DI * e
-        for tile in range(NP * (16 // BU)):
-            qi, qj, state_tile, weight, _, _ = _pair_operands(PAIRS, tile, NP, q_base, rows_q, sq_t, q_mask, sq_d,
-                                                              d, state_base, e, columns, BU)
-            phi = _outer(qi * weight, qj, BQ, BU).to(OP)
-            S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
-            inter += tl.dot(phi, S, input_precision=PRECISION)
+    has_state = c >= first_chunk_with_state
+    # the state loop runs no tile without a state rather than sitting in the branch below: there, its zero-trip
+    # path wrote the wgmma accumulator with moves, and ptxas serialized every wgmma of the kernel (C7515)
+    inter = tl.zeros((BQ, EP), dtype=tl.float32)
+    slot = (b * h + head) * n_chunks + c
+    state_base = STATES + slot.to(tl.int64) * DI * e
+    for tile in range(NP * (16 // BU) * has_state.to(tl.int32)):
+        qi, qj, state_tile, weight, _, _ = _pair_operands(PAIRS, tile, NP, q_base, rows_q, sq_t, q_mask, sq_d,
+                                                          d, state_base, e, columns, BU)
+        phi = _outer(qi * weight, qj, BQ, BU).to(OP)
+        S = tl.load(state_tile, mask=e_mask[None, :], other=0.0).to(OP)
+        inter += tl.dot(phi, S, input_precision=PRECISION)
+    if has_state:
         square = dims[:, None] * DP + dims[None, :]
         M = tl.load(MS + slot.to(tl.int64) * DP * DP + square)
         q32 = _reloaded_fp32(q_base, rows_q, sq_t, q_mask, dims, sq_d, d_mask)
