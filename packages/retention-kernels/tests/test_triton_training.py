@@ -392,22 +392,28 @@ def test_single_chunk_without_state_skips_the_state_passes(pairs, interpreter, m
     assert passes and torch.isfinite(state).all() and torch.isfinite(keys).all()
 
 
+def never_fits(name):
+    """A stand-in for the kernel ``name`` whose every launch runs out of shared memory."""
+    import triton
+
+    class NeverFits:
+        __name__ = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            return launch
+    return NeverFits()
+
+
 def test_no_fitting_config_says_what_to_do(monkeypatch):
     """A GPU whose shared memory fits none of a kernel's configs (fp32 inputs at d = 128 on an A100) gets an
     error that names the kernel and the way out, not Triton's bare OutOfResources."""
     import triton
 
-    class TooLarge:
-        __name__ = "pair_key_value_grad_kernel"
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise triton.runtime.errors.OutOfResources(180224, 166912, "shared memory")
-            return launch
-
     configs = [function._config(4, 1, BQ=16, BK=32), function._config(4, 2, BQ=64, BK=32)]
     with pytest.raises(RuntimeError, match=r"pair_key_value_grad_kernel has no config .*\(2 tried.*bf16") as error:
-        function._launch_first_fitting(TooLarge(), lambda meta: (1,), (), {}, configs)
+        function._launch_first_fitting(never_fits("pair_key_value_grad_kernel"), lambda meta: (1,), (), {}, configs)
     assert isinstance(error.value.__cause__, triton.runtime.errors.OutOfResources)
 
 
@@ -439,13 +445,6 @@ def test_wide_fp32_products_try_only_the_small_configs(monkeypatch, precision, d
     assert prune([big, small], None, PRECISION=precision, DP=dp) == ([small] if tried == ["small"] else [big, small])
 
     # when nothing fits, each config was tried once (the filter's small configs are the fallbacks themselves)
-    class NothingFits:
-        __name__ = "pair_output_kernel"
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
-            return launch
-
     with pytest.raises(RuntimeError, match=rf"\({len(tried)} tried"):
-        function._launch(tuned, NothingFits(), lambda meta: (1,), (), dict(PRECISION=precision, DP=dp), ("BQ", "BK"))
+        function._launch(tuned, never_fits("pair_output_kernel"), lambda meta: (1,), (),
+                         dict(PRECISION=precision, DP=dp), ("BQ", "BK"))
