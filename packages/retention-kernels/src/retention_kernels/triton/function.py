@@ -63,7 +63,8 @@ def default_chunk_size(t: int, d: int, deg: int) -> int:
         return min(t, 256)
     # H200, bf16, d=64, b t = 65536 (benchmarks/results/gpu_chunk_sweep_2026-12-03.json): 256 and 2048 lose
     # everywhere; 512 takes 1-3% less fwd+bwd at 4k-64k but 0-5% more fwd, and its twice as many stored states
-    # peak 1.01 GiB above inputs, outputs and gradients at 64k (1024: 0.69; issue 3 allows 1)
+    # peak 1.26 GiB above the inputs at 64k (1024: 0.94), about 1.01 above inputs, outputs and gradients, over
+    # issue 3's 1 GiB
     return min(t, 1024)
 
 
