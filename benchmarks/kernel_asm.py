@@ -73,10 +73,13 @@ def ptxas_report(ptx: str) -> dict:
     except TypeError:
         ptxas = get_ptxas().path
     path = Path("/tmp") / f"kernel_asm_{os.getpid()}.ptx"
+    cubin = path.with_suffix(".cubin")
     path.write_text(ptx)
-    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", "/dev/null"], capture_output=True, text=True)
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", str(cubin)], capture_output=True, text=True)
     path.unlink()
     info = run.stdout + run.stderr
+    sass = sass_counts(cubin, Path(ptxas).parent / "nvdisasm")
+    cubin.unlink(missing_ok=True)
 
     def number(pattern):
         found = re.search(pattern, info)
@@ -86,7 +89,23 @@ def ptxas_report(ptx: str) -> dict:
     # every wgmma of the kernel wait for the previous one (no overlap of the tensor cores with anything)
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"),
-                wgmma_serialized="C7515" in info)
+                wgmma_serialized="C7515" in info, sass=sass)
+
+
+# The SASS instructions that say how a kernel's time splits: the tensor-core products, the waits for them, and
+# the CUDA-core work that builds their operands (fp32 products, conversions to 16 bits, packed bf16 products).
+SASS_COUNTED = ("HGMMA", "FMUL", "FFMA", "F2FP", "HMUL2", "LDS", "STS", "BAR")
+
+
+def sass_counts(cubin: Path, nvdisasm: Path) -> dict | None:
+    """Static counts of the ``SASS_COUNTED`` opcodes in ``cubin``, ``wgmma_waits`` (``WARPGROUP.DEPBAR.LE gsb0,
+    0x0``: a full wait for every wgmma in flight) and ``total`` instructions; None without Triton's nvdisasm."""
+    if not cubin.exists() or not nvdisasm.exists():
+        return None
+    text = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
+    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text, re.MULTILINE)
+    counts = {name: opcodes.count(name) for name in SASS_COUNTED}
+    return dict(counts, wgmma_waits=len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", text)), total=len(opcodes))
 
 
 @dataclass

@@ -27,6 +27,10 @@ def test_reports_registers_spills_and_wgmma(run_compiled, tmp_path):
     assert row["wgmma"] > 0 and row["mma_sync"] == 0
     assert 0 < row["shared_kb"] <= 227
     assert row["wgmma_serialized"] is False
+    # static SASS counts (Triton's nvdisasm): the products are not each waited for before the next
+    sass = row["sass"]
+    assert 0 < sass["HGMMA"] and sass["wgmma_waits"] < sass["HGMMA"] < sass["total"]
+    assert sass["F2FP"] > 0 and sass["FMUL"] > 0  # the phi tiles: fp32 products converted to bf16
 
 
 @pytest.mark.parametrize("deg", [2, 1])
