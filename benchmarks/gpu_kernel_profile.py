@@ -198,18 +198,16 @@ def main():
             rows.append(row)
             continue
         names = launch["kernel"].arg_names
-        if "BT" not in launch["meta_names"] and "NP" in names and "BK" in names:  # a row kernel with a pair loop
+        pair_loop = "BT" not in launch["meta_names"] and "NP" in names and "BK" in names  # a row kernel's
+        # --intra-sweep: only the kernels whose intra-chunk block has query tiles (output, dQ) are swept
+        if pair_loop and (not ARGS.intra_sweep or "BQ" in launch["meta_names"]):
             args = list(launch["args"])
             args[names.index("NP")] = 0
             variants.append(("intra only (NP=0)", explicit(launch, meta, warps, stages, args=tuple(args))))
-            if ARGS.intra_sweep and "BQ" in launch["meta_names"]:
-                for config_meta, config_warps, config_stages in INTRA_SWEEP:
-                    variants.append((f"intra only {config_meta} w{config_warps} s{config_stages}", explicit(
-                        launch, {**meta, **config_meta}, config_warps, config_stages, args=tuple(args))))
-        if ARGS.intra_sweep:
-            if len(variants) == 1:  # no intra-chunk part to sweep alone
-                variants = []
-        elif launch["constants"].get("HAS_GATE"):
+            for config_meta, config_warps, config_stages in INTRA_SWEEP if ARGS.intra_sweep else []:
+                variants.append((f"intra only {config_meta} w{config_warps} s{config_stages}", explicit(
+                    launch, {**meta, **config_meta}, config_warps, config_stages, args=tuple(args))))
+        if not ARGS.intra_sweep and launch["constants"].get("HAS_GATE"):
             variants.append(("no gates", explicit(launch, meta, warps, stages,
                                                  constants={**launch["constants"], "HAS_GATE": False})))
         sweep = [] if ARGS.intra_sweep else STATE_SWEEP if "BT" in launch["meta_names"] else ROW_SWEEP

@@ -1,16 +1,19 @@
-"""The deg-2 Triton kernels compiled for a Hopper GPU (sm_90a) on a machine without one: per kernel and config, the
-registers per thread, the bytes spilled to local memory, the shared memory and the kind of matrix instruction
-(``wgmma``: Hopper's warpgroup MMA; ``mma.sync``: the older per-warp path). It answers "does this kernel spill,
-and does it use wgmma" in seconds on the CPU, for the installed Triton (the GPU machine's may differ: run it
-there too for its own answer).
+"""The Triton kernels compiled for a Hopper GPU (sm_90a) on a machine without one: per kernel and config, the
+registers per thread, the bytes spilled to local memory, the shared memory, the kind of matrix instruction
+(``wgmma``: Hopper's warpgroup MMA; ``mma.sync``: the older per-warp path), whether ptxas serialized the wgmma
+(its C7515 note: each then waits for the previous one) and static counts of the SASS instructions that split
+the time (``sass_counts``). It answers "does this kernel spill, does it use wgmma, and how much CUDA-core work
+feeds it" in seconds on the CPU, for the installed Triton (the GPU machine's may differ: run it there too for
+its own answer).
 
-    python benchmarks/kernel_asm.py [--t 4096] [--d 64] [--dtype bfloat16] [--kernels output,key_state]
+    python benchmarks/kernel_asm.py [--t 4096] [--d 64] [--dtype bfloat16] [--deg 2] [--kernels output,key_state]
                                     [--all-configs] [--out DIR]
 
-The kernels are reached through the real host code (``_pair_forward`` / ``_pair_backward`` on CPU tensors): its
-launches are caught and each config is compiled with ``warmup`` against a stand-in driver that only names the
-target. Without ``--all-configs`` each kernel's first config (the one untuned launches take) is compiled.
-(``tests/hopper_fit.py`` uses the same capture to check that every kernel has a config that fits an SM.)
+The kernels are reached through the real host code (deg 2: ``_pair_forward`` / ``_pair_backward``; else
+``_forward`` / ``_backward``, on CPU tensors): its launches are caught and each config is compiled with
+``warmup`` against a stand-in driver that only names the target. Without ``--all-configs`` each kernel's first
+config (the one untuned launches take) is compiled. (``tests/hopper_fit.py`` uses the same capture to check
+that every kernel has a config that fits an SM.)
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ class StandInDriver:
 
 
 def ptxas_report(ptx: str) -> dict:
-    """Registers, spill bytes, stack frame from ``ptxas -v`` on ``ptx`` (Triton's bundled ptxas, sm_90a)."""
+    """Registers, spill bytes, stack frame and the C7515 note from ``ptxas -v`` on ``ptx`` (Triton's bundled
+    ptxas, sm_90a), and the SASS counts of the cubin it builds."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     try:
@@ -163,8 +167,7 @@ def capture_launches(dtype: str = "bfloat16", t: int = 4096, d: int = 64, heads:
             D = function.sympow_dim(d, deg)
             S0 = torch.zeros(b, heads, D, d) if state else None
             z0 = torch.zeros(b, heads, D) if state else None
-            Y, den, final, final_z, states, key_states, G = function._forward(Q, K, V, log_G, S0, z0, deg, scale,
-                                                                              chunk)
+            Y, den, _, _, states, key_states, G = function._forward(Q, K, V, log_G, S0, z0, deg, scale, chunk)
             function._backward(torch.randn_like(Y), S0, z0, Q, K, V, log_G, G, Y, den, states, key_states, state,
                                deg, scale, chunk)
             return launches
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = dict(triton=triton.__version__, target="sm_90a", shape=dict(t=args.t, d=args.d, h=args.heads),
-                      dtype=args.dtype, gates=not args.no_gates, rows=rows)
+                      deg=args.deg, dtype=args.dtype, gates=not args.no_gates, rows=rows)
         (Path(args.out) / "kernel_asm.json").write_text(json.dumps(result, indent=1, default=str))  # dtypes as names
     return 0
 
