@@ -202,6 +202,15 @@ def correctness(quick, results):
                         strict_gates=True, unjudged=unjudged)[0]
             if len(results) > entries:
                 gate_errors.append((name, results[-1]["errors"]["dlog_G"], results[-1]["dlog_G_strict"]))
+        # deg 1 (minimal-layout kernels) at its automatic chunk (128): 24 chunks, so the slot scans run more than
+        # one group of scan_kernel's STEPS slots
+        inp = random_inputs(b=2, t=size(3000, 45), hq=4, h=2, d=size(64, 16), dtype=dtype, device=dev,
+                            gate_strength=8.0, state=True, deg=1)
+        inp["Q"], inp["K"] = inp["Q"].abs(), inp["K"].abs()  # odd deg: q.k > 0 keeps the denominators away from 0
+        for x in inp.values():
+            x.requires_grad_(True)
+        ok &= check(f"{tag} deg1 d{size(64, 16)} t{size(3000, 45)} gqa2 gates state", inp, 1,
+                    chunk_size=size(None, 2), results=results)[0]
         if quick and dtype == torch.float16:
             break
         t = size(2048, 40)

@@ -68,6 +68,8 @@ CASES = {
     "deg2-d24-padded-blocks-state": (dict(b=1, t=21, hq=1, h=1, d=24, state=True), 2, 8),
     "deg1-no-gates-chunk8": (dict(b=1, t=29, hq=2, h=1, d=16, gating=False, state=True, deg=1), 1, 8),
     "deg1-quadratic-chunk=t": (dict(b=1, t=20, hq=2, h=1, d=16, deg=1), 1, 20),
+    # 18 chunks: the slot scans cross a group of scan_kernel's STEPS (16) slots, both ways
+    "deg1-gates-state-18-chunks": (dict(b=1, t=70, hq=2, h=1, d=16, state=True, deg=1), 1, 4),
     "deg3-state-chunk7": (dict(b=1, t=23, hq=2, h=1, d=8, state=True, deg=3), 3, 7),
     "deg4-chunk16": (dict(b=1, t=20, hq=1, h=1, d=8, state=True, deg=4), 4, 16),
     "deg3-d17-padded-feature-tile": (dict(b=1, t=12, hq=1, h=1, d=17, state=True, deg=3), 3, 8),

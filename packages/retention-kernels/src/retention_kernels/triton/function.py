@@ -119,7 +119,7 @@ def _expansion_tile(D: int, d: int, deg: int, dtype: torch.dtype) -> int:
 
 
 _TABLES: dict = {}
-_SCAN_BLOCK = 1024
+_SCAN_STEPS, _SCAN_BLOCK = 16, 256  # scan_kernel: [STEPS, BLOCK] tiles of slots
 POISON = False  # tests set it: kernel outputs start as NaN
 
 
@@ -181,9 +181,10 @@ def _state_pass(X, V, G, log_G, buffer, key_buffer, plan, index, weight, h, deg,
         OP=plan.operand, PRECISION=plan.precision, num_warps=plan.num_warps,
     )
     for target, length in ((buffer, plan.D * e), (key_buffer, plan.D)):
-        scan_kernel[(triton.cdiv(length, _SCAN_BLOCK), b * h)](
+        block = min(_SCAN_BLOCK, triton.next_power_of_2(length))
+        scan_kernel[(triton.cdiv(length, block), b * h)](
             target, G_arg, length, plan.n, plan.C, plan.T_pad,
-            HAS_GATE=has_gate, REVERSE=backward, BLOCK=_SCAN_BLOCK, num_warps=4,
+            HAS_GATE=has_gate, REVERSE=backward, STEPS=_SCAN_STEPS, BLOCK=block, num_warps=4,
         )
 
 

@@ -89,9 +89,19 @@ def chunk_update_kernel(
 
 
 @triton.jit
+def _then(decay_a, value_a, decay_b, value_b):
+    """Composition of the affine steps ``x -> decay_a x + value_a``, then ``x -> decay_b x + value_b``."""
+    return decay_a * decay_b, value_a * decay_b + value_b
+
+
+@triton.jit
 def scan_kernel(BUF, G, length, n_chunks, C, T_pad, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """In-place scan over the ``n + 1`` slots of ``BUF [b * h, n + 1, length]`` (see the module docstring)."""
+                STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """In-place scan over the ``n + 1`` slots of ``BUF [b * h, n + 1, length]`` (see the module docstring).
+
+    ``STEPS`` slots at a time: one ``[STEPS, BLOCK]`` load, a parallel scan of the affine steps along the slots,
+    one store. One slot at a time, each step waited for its load: at deg 1 (t = 65536, chunk 128, 512 slots of
+    4096 elements) the four scans took 0.89 ms on an H200, against about 0.05 ms for their memory traffic."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offsets = pid * BLOCK + tl.arange(0, BLOCK)
@@ -102,19 +112,26 @@ def scan_kernel(BUF, G, length, n_chunks, C, T_pad, HAS_GATE: tl.constexpr, REVE
         carry = tl.load(base + n_chunks * length, mask=mask, other=0.0)
     else:
         carry = tl.load(base, mask=mask, other=0.0)
-    for step in range(n_chunks):
+    for first in range(0, n_chunks, STEPS):
+        step = first + tl.arange(0, STEPS)
+        step_mask = step < n_chunks
         if REVERSE:
             c = n_chunks - 1 - step
             slot = c
         else:
             c = step
             slot = c + 1
-        pointer = base + slot.to(tl.int64) * length
-        value = tl.load(pointer, mask=mask, other=0.0)
-        if HAS_GATE:
-            carry = carry * tl.exp(tl.load(g_base + c * C + C - 1))
-        carry = carry + value
-        tl.store(pointer, carry, mask=mask)
+        pointers = base[None, :] + slot.to(tl.int64)[:, None] * length
+        tile_mask = step_mask[:, None] & mask[None, :]
+        values = tl.load(pointers, mask=tile_mask, other=0.0)
+        if HAS_GATE:  # steps past the last slot: decay 1 and value 0, so they carry the last slot's sum on
+            decay = tl.exp(tl.load(g_base + c * C + C - 1, mask=step_mask, other=0.0))
+        else:
+            decay = tl.full((STEPS,), 1.0, tl.float32)
+        decays, sums = tl.associative_scan((tl.broadcast_to(decay[:, None], (STEPS, BLOCK)), values), 0, _then)
+        sums += decays * carry[None, :]
+        tl.store(pointers, sums, mask=tile_mask)
+        carry = tl.sum(tl.where((tl.arange(0, STEPS) == STEPS - 1)[:, None], sums, 0.0), axis=0)
 
 
 @triton.jit
