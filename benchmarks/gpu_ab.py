@@ -5,7 +5,7 @@ between calls).
     git archive REF packages/retention-kernels/src | (mkdir -p dist/ab-ref && tar -x -C dist/ab-ref)
     git archive BRANCH packages/retention-kernels/src | (mkdir -p dist/ab-NAME && tar -x -C dist/ab-NAME)
     python3 benchmarks/gpu_ab.py [--ref dist/ab-ref] [--variants dist/ab-NAME,...] [--cases 2:65536:1,1:4096:16]
-                                 [--out DIR] [--dry-run]
+                                 [--variant-cases 1:4096:16] [--out DIR] [--dry-run]
 
 For each case ``deg:t:b`` (h 8, d 64, bf16, gates, default chunk) and each side (the reference, each variant,
 named by its folder, then the working tree) it runs
@@ -32,6 +32,9 @@ def parse_args(argv=None):
     parser.add_argument("--ref", default="dist/ab-ref", help="a folder holding packages/retention-kernels/src")
     parser.add_argument("--variants", default="", help="more such folders, comma-separated, timed beside the two")
     parser.add_argument("--cases", default="2:65536:1,1:4096:16", help="deg:t:b, comma-separated")
+    parser.add_argument("--variant-cases", default=None,
+                        help="the cases the variants run (default: all; a variant that changes deg 1 only need not "
+                             "pay for the deg-2 tuning)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per profile run")
     parser.add_argument("--dry-run", action="store_true")
@@ -111,12 +114,14 @@ def main(argv=None) -> int:
     for folder in filter(None, args.variants.split(",")):
         sides[Path(folder).name] = kernel_tree(folder, "--variants")
     sides["tree"] = ROOT / "packages/retention-kernels/src"
+    variant_cases = set((args.cases if args.variant_cases is None else args.variant_cases).split(","))
     cases = []
     for spec in args.cases.split(","):
         deg, t, b = (int(x) for x in spec.split(":"))
-        ms = {side: times(profile(side, kernels, deg, t, b, args)) for side, kernels in sides.items()}
+        ms = {side: times(profile(side, kernels, deg, t, b, args)) for side, kernels in sides.items()
+              if side in ("ref", "tree") or spec in variant_cases}
         cases.append(dict(deg=deg, t=t, b=b, ms=ms))
-        others = [side for side in sides if side != "ref"]
+        others = [side for side in ms if side != "ref"]
         print(f"\n# deg {deg}, t {t}, b {b}: ms, ref -> {', '.join(others)} (change against ref)", flush=True)
         for name in ms["tree"] or ms["ref"]:
             old = ms["ref"].get(name, float("nan"))

@@ -186,9 +186,11 @@ case "$stage" in
     # the working tree's kernels against an earlier version's, timed in this one call: carry "dist" with
     # dist/ab-ref made by `git archive REF packages/retention-kernels/src | tar -x -C dist/ab-ref`; AB_CASES
     # (deg:t:b, comma-separated) narrows the cases when the call has little time left; AB_VARIANTS (folders made
-    # the same way from other branches, comma-separated) are timed beside the two
+    # the same way from other branches, comma-separated) are timed beside the two, in AB_VARIANT_CASES (default:
+    # every case)
     timeout "$(limit 500)" python3 benchmarks/gpu_ab.py --cases "${AB_CASES:-2:65536:1,1:4096:16}" \
-      --variants "${AB_VARIANTS:-}" --out "$OUT" > "$OUT/gpu_ab_log.txt" 2>&1
+      --variants "${AB_VARIANTS:-}" --variant-cases "${AB_VARIANT_CASES:-${AB_CASES:-2:65536:1,1:4096:16}}" \
+      --out "$OUT" > "$OUT/gpu_ab_log.txt" 2>&1
     echo "ab rc=$?"; grep -vE "Warning|_warn_once" "$OUT/gpu_ab_log.txt" | tail -30
     ;;
   asm)

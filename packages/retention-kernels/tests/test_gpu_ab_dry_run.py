@@ -21,13 +21,14 @@ def test_compares_kernel_trees_with_a_variant(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     assert gpu_ab.main(["--ref", str(tmp_path / "ref"), "--variants", str(tmp_path / "ab-candidate"),
-                        "--cases", "1:96:1", "--out", str(out), "--dry-run"]) == 0
+                        "--cases", "1:96:1,1:48:1", "--variant-cases", "1:96:1", "--out", str(out), "--dry-run"]) == 0
     result = json.loads((out / "gpu_ab.json").read_text())
     assert result["variants"] == ["ab-candidate"]
-    (case,) = result["cases"]
+    case, without_variant = result["cases"]
     assert (case["deg"], case["t"], case["b"]) == (1, 96, 1)
     assert list(case["ms"]) == ["ref", "ab-candidate", "tree"]  # the reference first, the working tree last
-    for side in case["ms"].values():
+    assert list(without_variant["ms"]) == ["ref", "tree"]  # not among --variant-cases
+    for side in [*case["ms"].values(), *without_variant["ms"].values()]:
         assert side["whole fwd+bwd"] > 0
         assert any(name.endswith("power_retention_bwd") for name in side)
     assert (out / "gpu_ab.png").stat().st_size > 0
