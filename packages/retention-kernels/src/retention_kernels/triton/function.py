@@ -167,14 +167,15 @@ def _single_chunk_without_state(plan: _Plan, has_state: bool, need_final_state: 
     return plan.n == 1 and not has_state and not need_final_state
 
 
-def _state_pass(X, V, G, log_G, buffer, key_buffer, plan, index, weight, h, deg, scale, backward):
-    """Fill ``buffer [b, h, n + 1, D, e]`` (and ``key_buffer``) with every chunk's contribution, then scan."""
+def _state_pass(X, V, G, log_G, buffer, key_buffer, plan, index, weight, h, deg, scale, backward, delta=None):
+    """Fill ``buffer [b, h, n + 1, D, e]`` (and ``key_buffer``) with every chunk's contribution, then scan.
+    Backward: ``V`` is dn ``[b, t, hq, e]`` and ``delta [b, t, hq]`` fp32 the ones column of dN'."""
     b, t, hx = X.shape[:3]
     e = buffer.shape[-1]
     has_gate = log_G is not None
     G_arg = G if has_gate else key_buffer
     chunk_update_kernel[(plan.n * triton.cdiv(plan.D, plan.BD), b * h)](
-        X, V, G_arg, index, weight, buffer, key_buffer,
+        X, V, key_buffer if delta is None else delta, G_arg, index, weight, buffer, key_buffer,
         *X.stride(), *V.stride(),
         t, hx, h, plan.D, X.shape[3], e, plan.n, plan.C, plan.T_pad, scale,
         BACKWARD=backward, HAS_GATE=has_gate, DEG=deg, BT=plan.BK, BD=plan.BD, DP=plan.DP, EP=plan.EP,
@@ -268,9 +269,8 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     has_gate = log_G is not None
     D = plan.D
 
-    # dN' = [dy / den, -(dy . y) / den]  [b, t, hq, e + 1], 0 where the denominator is exactly 0 (y = 0 there).
-    dN = _new(b, t, hq, e + 1, device=device)
-    _output_cotangent(dY, Y, den, plan.operand, dN[..., :e], dN[..., e])
+    # dN' = [dn, delta] = [dy / den, -(dn . y)]: dn [b, t, hq, e] in the operand dtype, delta [b, t, hq] fp32
+    dn, delta = _output_cotangent(dY, Y, den, plan.operand)
 
     # Slot c: dS'_c, the gradient of the state entering chunk c (slot n: of the final state; slot 0: initial).
     d_states = _new(b, h, plan.n + 1, D, e, device=device)
@@ -278,7 +278,8 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     d_states[:, :, plan.n] = 0.0 if d_final_state is None else d_final_state
     d_key_states[:, :, plan.n] = 0.0 if d_final_keys is None else d_final_keys
     if not _single_chunk_without_state(plan, has_state):  # else the initial state's gradient is not written
-        _state_pass(Q, dN, G, log_G, d_states, d_key_states, plan, index, weight, h, deg, scale, backward=True)
+        _state_pass(Q, dn, G, log_G, d_states, d_key_states, plan, index, weight, h, deg, scale, backward=True,
+                    delta=delta)
 
     G_arg = G if has_gate else den
     dQ = _new(b, t, hq, d, device=device, dtype=Q.dtype)
@@ -287,7 +288,7 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     key_terms = _new(b, t, h, device=device) if has_gate else den
     spans = _new(b * h, plan.n, triton.cdiv(plan.C, plan.BK), plan.C, device=device) if has_gate else den
     query_grad_kernel[(plan.n * triton.cdiv(plan.C, plan.BQ), b * hq)](
-        Q, K, V, G_arg, index, weight, states, key_states, dN, dQ, query_terms,
+        Q, K, V, G_arg, index, weight, states, key_states, dn, delta, dQ, query_terms,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, HAS_STATE=has_state, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,
@@ -296,7 +297,7 @@ def _backward(dY, d_final_state, d_final_keys, Q, K, V, log_G, G, Y, den, states
     dK = _new(b, t, h, d, device=device, dtype=K.dtype)
     dV = _new(b, t, h, e, device=device, dtype=V.dtype)
     key_value_grad_kernel[(plan.n * triton.cdiv(plan.C, plan.BK), b * h)](
-        Q, K, V, G_arg, index, weight, d_states, d_key_states, dN, dK, dV, key_terms, spans,
+        Q, K, V, G_arg, index, weight, d_states, d_key_states, dn, delta, dK, dV, key_terms, spans,
         *Q.stride(), *K.stride(), *V.stride(),
         t, hq, h, D, d, e, plan.n, plan.C, plan.T_pad, scale,
         HAS_GATE=has_gate, DEG=deg, BQ=plan.BQ, BK=plan.BK, BD=plan.BD,

@@ -33,14 +33,15 @@ from ._tiles import (
 
 @triton.jit
 def query_grad_kernel(
-    Q, K, V, G, IDX, W, STATES, ZS, DN, DQ, QTERM,
+    Q, K, V, G, IDX, W, STATES, ZS, DN, DELTA, DQ, QTERM,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, D, d, e, n_chunks, C, T_pad, scale,
     HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr, DEG: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     OP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """DQ [b, t, hq, d] contiguous (Q's dtype); DN = dN' [b, t, hq, e + 1] fp32; STATES [b, h, n + 1, D, e];
+    """DQ [b, t, hq, d] contiguous (Q's dtype); dN' = [DN, DELTA]: DN [b, t, hq, e] (operand dtype), DELTA
+    [b, t, hq] fp32, both contiguous; STATES [b, h, n + 1, D, e];
     QTERM [b, t, hq] fp32 (with HAS_GATE): ``q_i . dq_i^state / p``."""
     c, q_start, b, query_head, head = query_program(hq, h, C, BQ)
     local_i, rows_q, q_mask = chunk_rows(q_start, c, t, C, BQ)
@@ -51,8 +52,8 @@ def query_grad_kernel(
     q32 = load_tile(Q + b * sq_b + query_head * sq_h, rows_q, sq_t, q_mask, dims, sq_d, d_mask).to(tl.float32)
     q = q32.to(OP)
     grad_rows = (b * t + rows_q).to(tl.int64) * hq + query_head
-    dn = load_tile(DN, grad_rows, e + 1, q_mask, columns, 1, e_mask)
-    delta = tl.load(DN + grad_rows * (e + 1) + e, mask=q_mask, other=0.0)
+    dn = load_tile(DN, grad_rows, e, q_mask, columns, 1, e_mask)
+    delta = tl.load(DELTA + grad_rows, mask=q_mask, other=0.0)
     g_base = G + (b * h + head) * T_pad + c * C
     if HAS_GATE:
         g_i = tl.load(g_base + local_i, mask=local_i < C, other=0.0)
@@ -89,7 +90,7 @@ def query_grad_kernel(
 
 @triton.jit
 def key_value_grad_kernel(
-    Q, K, V, G, IDX, W, DSTATES, DZS, DN, DK, DV, KTERM, SPAN,
+    Q, K, V, G, IDX, W, DSTATES, DZS, DN, DELTA, DK, DV, KTERM, SPAN,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_e,
     t, hq, h, D, d, e, n_chunks, C, T_pad, scale,
     HAS_GATE: tl.constexpr, DEG: tl.constexpr,
@@ -114,9 +115,8 @@ def key_value_grad_kernel(
         g_j = tl.load(g_base + local_j, mask=local_j < C, other=0.0)
     group = hq // h
     span_row = SPAN + ((pid_bh * n_chunks + c) * tl.cdiv(C, BK) + k_start // BK).to(tl.int64) * C
-    # dN' rows are [dn, delta] (e + 1 wide): delta is the column e
     dk, dv = intra_key_value_grad(
-        k, v, local_j, k_mask, k_start, Q + b * sq_b + head * group * sq_h, sq_t, sq_d, sq_h, DN, e + 1, DN + e, e + 1,
+        k, v, local_j, k_mask, k_start, Q + b * sq_b + head * group * sq_h, sq_t, sq_d, sq_h, DN, e, DELTA, 1,
         g_base, span_row, b, c, t, hq, head, group, C, scale, dims, d_mask, columns, e_mask,
         HAS_GATE, DEG, BQ, BK, DP, EP, OP, PRECISION,
     )

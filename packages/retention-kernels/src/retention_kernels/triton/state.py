@@ -3,7 +3,7 @@
 1. ``chunk_update_kernel`` (one program per chunk and ``[BD, e]`` state tile, ``phi`` expanded in SRAM)::
 
        forward:  BUF[c + 1] = sum_{j in c} e^{G_last - G_j} phi(k_j) [v_j, 1]^T          (the chunk's contribution)
-       backward: BUF[c]     = s^p sum_{i in c, query heads} e^{G_i} phi(q_i) dN'_i^T     (its query's gradient)
+       backward: BUF[c]     = s^p sum_{i in c, query heads} e^{G_i} phi(q_i) [dn_i, delta_i]^T   (its query's gradient)
 
 2. ``scan_kernel`` (memory-bound, in place, fp32), with ``decay_c = e^{G_last of chunk c}``::
 
@@ -23,15 +23,15 @@ from ._tiles import integer_power, sympow_tile
 
 @triton.jit
 def chunk_update_kernel(
-    X, V, G, IDX, W, BUF, ZBUF,
+    X, V, DELTA, G, IDX, W, BUF, ZBUF,
     sx_b, sx_t, sx_h, sx_d, sv_b, sv_t, sv_h, sv_e,
     t, hx, h, D, d, e, n_chunks, C, T_pad, scale,
     BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr, DEG: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, OP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Forward: X = K [b, t, h, d], V = V [b, t, h, e] (any strides). Backward: X = Q [b, t, hq, d] and
-    V = dN' [b, t, hq, e + 1] fp32 (``[dy / den, -(dy . y) / den]``: its last column is delta)."""
+    """Forward: X = K [b, t, h, d], V = V [b, t, h, e] (any strides). Backward: X = Q [b, t, hq, d], V = dn
+    [b, t, hq, e] and DELTA [b, t, hq] fp32 contiguous (dN' = [dn, delta], see ``cotangent``)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     tiles = tl.cdiv(D, BD)
@@ -70,9 +70,8 @@ def chunk_update_kernel(
             v = tl.load(v_base + rows[:, None] * sv_t + columns[None, :] * sv_e,
                         mask=row_mask[:, None] & e_mask[None, :], other=0.0)
             update += tl.dot(tl.trans(phi.to(OP)), v.to(OP), input_precision=PRECISION)
-            if BACKWARD:
-                # the ones column of dN' (delta) sits after the e columns of the same row: DN is [.., e + 1]
-                delta = tl.load(v_base + rows * sv_t + e * sv_e, mask=row_mask, other=0.0)
+            if BACKWARD:  # the ones column of dN'
+                delta = tl.load(DELTA + (b * t + rows).to(tl.int64) * hx + x_head, mask=row_mask, other=0.0)
                 key_sum += tl.sum(phi * delta[:, None], axis=0)
             else:
                 key_sum += tl.sum(phi, axis=0)
