@@ -21,6 +21,8 @@
 #     bash benchmarks/gpu_session.sh d128-checks throughput  # issue 3: the d = 128 checks; issue 8: train at 16k
 #     bash benchmarks/gpu_session.sh ab          # issue 3: these kernels against dist/ab-ref's in one call (gpu_ab.py)
 #     bash benchmarks/gpu_session.sh asm         # issue 3: registers / spills / wgmma per deg-2 config (kernel_asm.py)
+#     bash benchmarks/gpu_session.sh host        # issue 3: host time of one fwd+bwd against the GPU's (host_overhead.py)
+#     bash benchmarks/gpu_session.sh host-ab     # issue 3: the same for dist/ab-ref's kernels, then the working tree's
 #
 # Then unpack $OUT/results.tar.gz into benchmarks/results/ (and `python benchmarks/plots.py --docs <json>` for the suite).
 #
@@ -181,6 +183,21 @@ case "$stage" in
     timeout "$(limit 240)" python3 benchmarks/train_gpu.py throughput --sweep_deg1 256 --sweep_deg2 512 --out "$OUT" \
       > "$OUT/train_throughput_log.txt" 2>&1
     echo "throughput rc=$?"; tail -12 "$OUT/train_throughput_log.txt"
+    ;;
+  host|host-ab)
+    # the host's time to issue one fwd+bwd against the GPU's (graph replay), syncs, top host functions: deg 1 and
+    # 2; host-ab: dist/ab-ref's kernels first, then the working tree's (one call: host speed varies between calls)
+    sides=tree; [ "$stage" = host-ab ] && sides="ab-ref tree"
+    for side in $sides; do
+      kernels=packages/retention-kernels/src
+      [ "$side" = ab-ref ] && kernels=dist/ab-ref/packages/retention-kernels/src
+      mkdir -p "$OUT/host-$side"
+      for deg in 1 2; do
+        PYTHONPATH=packages/retention-core/src:$kernels timeout "$(limit 120)" python3 benchmarks/host_overhead.py \
+          --deg $deg --out "$OUT/host-$side" > "$OUT/host-$side/deg${deg}_log.txt" 2>&1
+        echo "host $side deg $deg rc=$?"; grep -E "^deg|^synchron" "$OUT/host-$side/deg${deg}_log.txt" | cut -c1-200
+      done
+    done
     ;;
   ab)
     # the working tree's kernels against an earlier version's, timed in this one call: carry "dist" with
