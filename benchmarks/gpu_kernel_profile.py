@@ -27,6 +27,8 @@ import os
 import statistics
 import time
 
+from script_args import parse_with_out_and_dry_run  # benchmarks/ is on the path: scripts run from there
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -41,14 +43,10 @@ def parse_args():
     parser.add_argument("--intra-sweep", action="store_true",
                         help="sweep the intra-chunk part alone (NP=0) of the kernels with a pair loop")
     parser.add_argument("--deg", type=int, default=2, help="deg 1 / 3 / 4: the whole time and top operations only")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--dry-run", action="store_true")
-    return parser.parse_args()
+    return parse_with_out_and_dry_run(parser)
 
 
 ARGS = parse_args()
-if ARGS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -24,6 +24,8 @@ import statistics
 import time
 import warnings
 
+from script_args import parse_with_out_and_dry_run  # benchmarks/ is on the path: scripts run from there
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,14 +34,10 @@ def parse_args():
     parser.add_argument("--b", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=None)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--dry-run", action="store_true")
-    return parser.parse_args()
+    return parse_with_out_and_dry_run(parser)
 
 
 ARGS = parse_args()
-if ARGS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
