@@ -51,8 +51,8 @@ ARGS = parse_args()
 import torch  # noqa: E402
 import triton  # noqa: E402
 from gpu_triton import extra_peak_gib  # noqa: E402  (benchmarks/ is on the path: scripts run from there)
+from standard_step import fwd_bwd_step  # noqa: E402
 
-from retention import power_retention  # noqa: E402
 from retention_kernels.triton import function  # noqa: E402
 
 # the configs swept per kernel (meta parameters of its launch, warps, stages)
@@ -154,21 +154,7 @@ def main():
     dtype = torch.float32 if ARGS.dry_run else torch.bfloat16
     b, t, h, d = (1, 96, 2, 16) if ARGS.dry_run else (ARGS.b, ARGS.t, ARGS.heads, ARGS.d)
     chunk = 32 if ARGS.dry_run else ARGS.chunk
-    generator = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device)
-
-    if ARGS.strided:
-        Q, K, V = randn(b, t, 3 * h, d).to(dtype).requires_grad_().split(h, dim=2)
-    else:
-        Q, K, V = (randn(b, t, h, d).to(dtype).requires_grad_() for _ in range(3))
-    log_G = torch.nn.functional.logsigmoid(randn(b, t, h) + 4.0).requires_grad_()
-    dY = randn(b, t, h, d).to(dtype)
-
-    def step():
-        Y = power_retention(Q, K, V, log_G, deg=ARGS.deg, chunk_size=chunk, backend="triton")
-        return Y, torch.autograd.grad(Y, (Q, K, V, log_G), dY)
+    step = fwd_bwd_step(b, t, h, d, ARGS.deg, chunk, device, dtype, ARGS.strided)
 
     step()  # tune and compile
     whole = median_ms(step)

@@ -167,6 +167,17 @@ def strong_gates(inputs, kind, generator=None):
     return inputs
 
 
+def trainable_inputs(deg, **kwargs):
+    """``random_inputs(deg=deg, **kwargs)`` as leaves that require grad. Odd deg has signed weights: ``|Q|`` and
+    ``|K|`` keep q.k > 0, so the denominators (and fp16 gradients) stay finite."""
+    inp = random_inputs(deg=deg, **kwargs)
+    if deg % 2:
+        inp["Q"], inp["K"] = inp["Q"].abs(), inp["K"].abs()
+    for x in inp.values():
+        x.requires_grad_(True)
+    return inp
+
+
 def correctness(quick, results):
     dev = "cpu" if DRY_RUN else "cuda"
     ok = True
@@ -188,11 +199,7 @@ def correctness(quick, results):
                        (1, size(64, 16), size(777, 37), size(100, 16), "constant"),
                        (3, size(16, 8), size(777, 37), size(100, 8), "uniform")]
         for deg, d, t, chunk, gates in strong:
-            inp = random_inputs(b=2, t=t, hq=4, h=2, d=d, dtype=dtype, device=dev, state=True, deg=deg)
-            if deg % 2:  # odd deg: signed weights; keep q.k > 0 so denominators stay away from 0
-                inp["Q"], inp["K"] = inp["Q"].abs(), inp["K"].abs()
-            for x in inp.values():
-                x.requires_grad_(True)
+            inp = trainable_inputs(deg, b=2, t=t, hq=4, h=2, d=d, dtype=dtype, device=dev, state=True)
             name = f"{tag} deg{deg} d{d} t{t} chunk{chunk} gqa2 state gates-20-{gates}"
             # Constant -20 gates: y_i = v_i up to e^-20, so dQ and dK are e^-20 times their usual size, below the
             # rounding of any low-precision Y (the plain formula misses them as far): reported, not judged.
@@ -204,11 +211,8 @@ def correctness(quick, results):
                 gate_errors.append((name, results[-1]["errors"]["dlog_G"], results[-1]["dlog_G_strict"]))
         # deg 1 (minimal-layout kernels) at its automatic chunk (128): 24 chunks, so the slot scans run more than
         # one group of scan_kernel's STEPS slots
-        inp = random_inputs(b=2, t=size(3000, 45), hq=4, h=2, d=size(64, 16), dtype=dtype, device=dev,
-                            gate_strength=8.0, state=True, deg=1)
-        inp["Q"], inp["K"] = inp["Q"].abs(), inp["K"].abs()  # odd deg: q.k > 0 keeps the denominators away from 0
-        for x in inp.values():
-            x.requires_grad_(True)
+        inp = trainable_inputs(1, b=2, t=size(3000, 45), hq=4, h=2, d=size(64, 16), dtype=dtype, device=dev,
+                               gate_strength=8.0, state=True)
         ok &= check(f"{tag} deg1 d{size(64, 16)} t{size(3000, 45)} gqa2 gates state", inp, 1,
                     chunk_size=size(None, 2), results=results)[0]
         if quick and dtype == torch.float16:
@@ -223,12 +227,8 @@ def correctness(quick, results):
         ok &= check(f"{tag} deg2 d32 t1500 chunk1024", inp, 2, chunk_size=size(1024, 32), results=results)[0]
         if not quick:
             for deg, d in ((1, size(64, 16)), (3, size(16, 8)), (4, size(16, 4))):
-                inp = random_inputs(b=1, t=size(777, 37), hq=4, h=2, d=d, dtype=dtype, device=dev, state=True,
-                                    deg=deg)
-                if deg % 2:  # odd deg: signed weights; keep q.k > 0 so denominators (and fp16 grads) stay finite
-                    inp["Q"], inp["K"] = inp["Q"].abs(), inp["K"].abs()
-                for x in inp.values():
-                    x.requires_grad_(True)
+                inp = trainable_inputs(deg, b=1, t=size(777, 37), hq=4, h=2, d=d, dtype=dtype, device=dev,
+                                       state=True)
                 ok &= check(f"{tag} deg{deg} d{d} t777 state", inp, deg, chunk_size=size(100, 16),
                             results=results)[0]
             for d in ((16, 32, 128) if not DRY_RUN else (16,)):

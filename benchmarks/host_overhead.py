@@ -40,8 +40,7 @@ def parse_args():
 ARGS = parse_args()
 
 import torch  # noqa: E402
-
-from retention import power_retention  # noqa: E402
+from standard_step import fwd_bwd_step  # noqa: E402
 
 DEVICE = "cpu" if ARGS.dry_run else "cuda"
 
@@ -52,29 +51,6 @@ def synchronize():
 
 
 SHAPE = (1, 40, 2, 16) if ARGS.dry_run else (ARGS.b, ARGS.t, 8, 64)  # b, t, h, d
-
-
-def make_step():
-    b, t, h, d = SHAPE
-    dtype = torch.float32 if ARGS.dry_run else torch.bfloat16
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def leaf(*shape, scale=1.0):
-        x = torch.randn(*shape, device=DEVICE, dtype=torch.float32, generator=generator) * scale
-        return x.to(dtype).requires_grad_(True)
-
-    Q, K, V = (leaf(b, t, h, d, scale=d**-0.5 if ARGS.deg % 2 == 0 else 1.0) for _ in range(3))
-    if ARGS.deg % 2:  # odd deg: q.k > 0 keeps the denominators away from 0
-        Q, K = (x.detach().abs().requires_grad_(True) for x in (Q, K))
-    log_G = torch.nn.functional.logsigmoid(4.0 + torch.randn(b, t, h, device=DEVICE, generator=generator))
-    log_G.requires_grad_(True)
-    dY = torch.randn(b, t, h, d, device=DEVICE, dtype=dtype, generator=generator)
-
-    def step():
-        Y = power_retention(Q, K, V, log_G, deg=ARGS.deg, chunk_size=ARGS.chunk, backend="triton")
-        return torch.autograd.grad(Y, (Q, K, V, log_G), dY)
-
-    return step
 
 
 def timed(step) -> tuple[float, float]:
@@ -126,7 +102,9 @@ def synchronising_operations(step) -> list[str]:
 
 
 def main():
-    step = make_step()
+    b, t, h, d = SHAPE
+    step = fwd_bwd_step(b, t, h, d, ARGS.deg, ARGS.chunk, DEVICE,
+                        torch.float32 if ARGS.dry_run else torch.bfloat16)
     for _ in range(3):  # compile and warm up
         step()
     steps = 3 if ARGS.dry_run else ARGS.steps
@@ -143,7 +121,6 @@ def main():
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     gpu_text = "-" if gpu is None else f"{gpu:.3f}"
-    b, t, h, d = SHAPE
     print(f"deg {ARGS.deg} b {b} t {t} h {h} d {d} chunk {ARGS.chunk}: host issues a fwd+bwd in {host:.3f} ms, "
           f"whole {whole:.3f} ms, GPU alone (graph replay) {gpu_text} ms")
     print("synchronising operations:", syncs or "none")
